@@ -1,0 +1,220 @@
+"""Load a Linux kernel, initrd and command line into guest RAM for the 64-bit boot protocol.
+
+Two ways in (boot.rst, "64-bit Boot Protocol"):
+
+* ``entry="vmlinux"`` (default): the bzImage payload is decompressed on the
+  host and the vmlinux ELF is loaded at its physical addresses; the vCPU starts
+  at the ELF entry (startup_64).  A raw vmlinux ELF file is loaded the same way.
+  This skips the in-guest decompressor, which is very slow where KVM emulates
+  kernel-mode code.
+* ``entry="bzimage"`` (classic): the protected-mode kernel is copied to its load
+  address and the vCPU starts at load address + 0x200; it decompresses itself.
+
+Either way RSI must hold `LinuxBoot.zero_page` at entry, with the CPU in 64-bit
+mode and [0, 4 GiB) identity-mapped (see kernel/layout.py for the page tables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmm.memory import GuestMemory
+
+from . import layout
+from .bootparams import DEFAULT_CMDLINE_SIZE, BootParams
+from .bzimage import STARTUP_64_OFFSET, BzImage, is_bzimage, parse_bzimage
+from .decompress import decompress_payload, detect_format
+from .e820 import E820Entry, build_e820, usable_ranges
+from .elf import is_elf, load_elf, parse_elf
+from .errors import KernelImageError
+
+ENTRY_MODES = ("vmlinux", "bzimage")
+
+# initrd_addr_max when the kernel has no setup header (the value x86-64 kernels declare).
+DEFAULT_INITRD_ADDR_MAX = 0x7FFFFFFF
+# pyvmm keeps the initrd below 4 GiB (ext_ramdisk_* stay 0).
+INITRD_LIMIT = 1 << 32
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """Where things went, and where the boot vCPU must start."""
+
+    entry: int                      # 64-bit entry point (RIP), a physical address
+    zero_page: int                  # struct boot_params (RSI)
+    cmdline: int                    # the NUL-terminated command line
+    kernel_start: int               # kernel range [start, end) incl. its init_size room
+    kernel_end: int
+    initrd_start: int               # 0 and 0 without an initrd
+    initrd_size: int
+    mode: str                       # "vmlinux" or "bzimage"
+    payload_format: str | None      # "lz4", "gzip", ... (None for a raw vmlinux file)
+    boot_protocol: str | None       # "2.15" (None for a raw vmlinux file)
+    pvh_entry: int | None           # XEN_ELFNOTE_PHYS32_ENTRY of the vmlinux, if known
+    e820: tuple[E820Entry, ...] = field(repr=False)
+
+    @property
+    def initrd_end(self) -> int:
+        return self.initrd_start + self.initrd_size
+
+
+def load_linux(mem: GuestMemory, kernel_path: str, initrd_path: str | None = None,
+               cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
+               acpi_rsdp_addr: int | None = None) -> LinuxBoot:
+    """Load kernel (bzImage or vmlinux ELF), initrd and command line; fill the zero page.
+
+    `reserved` holds extra e820 ranges ((addr, size[, type]) or E820Entry) the
+    machine declares; `acpi_rsdp_addr` goes to boot_params.acpi_rsdp_addr.
+    """
+    kernel = _read(kernel_path, "kernel")
+    initrd = _read(initrd_path, "initrd") if initrd_path is not None else None
+    return load_linux_image(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
+                            acpi_rsdp_addr=acpi_rsdp_addr)
+
+
+def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | None = None,
+                     cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
+                     acpi_rsdp_addr: int | None = None) -> LinuxBoot:
+    """load_linux for images already in memory."""
+    if entry not in ENTRY_MODES:
+        raise ValueError(f"entry must be one of {ENTRY_MODES}, not {entry!r}")
+    for what, gpa, size in (("zero page", layout.ZERO_PAGE, layout.ZERO_PAGE_SIZE),
+                            ("command line", layout.CMDLINE, layout.CMDLINE_MAX_SIZE)):
+        if not mem.contains(gpa, size):
+            raise KernelImageError(f"guest RAM is too small to hold the {what} at {gpa:#x}")
+
+    image = None
+    if is_bzimage(kernel):
+        image = parse_bzimage(kernel, require_64bit_entry=(entry == "bzimage"))
+    elif not is_elf(kernel):
+        raise KernelImageError("kernel file is neither a bzImage nor an ELF vmlinux")
+    elif entry == "bzimage":
+        raise KernelImageError("the bzimage entry needs a bzImage, but the kernel is an ELF file")
+
+    if entry == "bzimage":
+        placed = _load_protected_mode_kernel(mem, image)
+    else:
+        placed = _load_vmlinux(mem, image, kernel)
+    entry_point, kernel_start, kernel_end, payload_format, pvh_entry = placed
+
+    params = BootParams(image.setup_header_bytes if image else None)
+    params.set_loader(heap_end_ptr=layout.SETUP_HEAP_END - 0x200)
+    if entry == "bzimage":
+        params["code32_start"] = kernel_start
+
+    _write_cmdline(mem, cmdline, image.header.cmdline_size if image else DEFAULT_CMDLINE_SIZE)
+    params.set_cmdline(layout.CMDLINE)
+
+    e820 = build_e820(mem.regions, reserved)
+    params.set_e820(e820)
+
+    initrd_start = 0
+    if initrd:
+        addr_max = image.header.initrd_addr_max if image else DEFAULT_INITRD_ADDR_MAX
+        initrd_start = place_initrd(e820, len(initrd), limit=min(addr_max + 1, INITRD_LIMIT),
+                                    avoid=[(kernel_start, kernel_end)])
+        mem.write(initrd_start, initrd)
+        params.set_initrd(initrd_start, len(initrd))
+
+    if acpi_rsdp_addr is not None:
+        params.set_acpi_rsdp(acpi_rsdp_addr)
+    mem.write(layout.ZERO_PAGE, params.to_bytes())
+
+    return LinuxBoot(
+        entry=entry_point,
+        zero_page=layout.ZERO_PAGE,
+        cmdline=layout.CMDLINE,
+        kernel_start=kernel_start,
+        kernel_end=kernel_end,
+        initrd_start=initrd_start,
+        initrd_size=len(initrd) if initrd else 0,
+        mode=entry,
+        payload_format=payload_format,
+        boot_protocol=image.header.protocol if image else None,
+        pvh_entry=pvh_entry,
+        e820=tuple(e820),
+    )
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise KernelImageError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes):
+    """Load the vmlinux ELF (from the bzImage payload, or the file itself)."""
+    payload_format = None
+    if image is not None:
+        payload_format = detect_format(image.payload)
+        kernel = decompress_payload(image.payload)
+    loaded = load_elf(mem, parse_elf(kernel))
+    if loaded.low < layout.HIMEM_START:
+        raise KernelImageError(
+            f"vmlinux loads at {loaded.low:#x}, below 1 MiB where pyvmm keeps boot data")
+    end = loaded.high
+    if image is not None:
+        end = max(end, loaded.low + image.header.init_size)
+    return loaded.entry, loaded.low, end, payload_format, loaded.pvh_entry
+
+
+def _load_protected_mode_kernel(mem: GuestMemory, image: BzImage):
+    """Classic bzImage: copy the protected-mode kernel to its load address."""
+    code = image.protected_mode_kernel
+    need = max(len(code), image.header.init_size)
+    addr = bzimage_load_address(image, mem, need)
+    mem.write(addr, code)
+    return addr + STARTUP_64_OFFSET, addr, addr + need, None, None
+
+
+def bzimage_load_address(image: BzImage, mem: GuestMemory, need: int) -> int:
+    """Where the protected-mode kernel goes: pref_address if relocatable and RAM allows,
+    else the lowest kernel_alignment boundary from 1 MiB; a fixed kernel goes at 1 MiB."""
+    hdr = image.header
+    if hdr.relocatable_kernel:
+        align = hdr.kernel_alignment or 1
+        if align & (align - 1):
+            raise KernelImageError(f"kernel_alignment {align:#x} is not a power of two")
+        pref = hdr.pref_address or layout.KERNEL_DEFAULT_LOAD
+        candidates = [_align_up(pref, align), _align_up(layout.HIMEM_START, align)]
+    else:
+        candidates = [layout.HIMEM_START]
+    for addr in candidates:
+        if mem.contains(addr, need):
+            return addr
+    raise KernelImageError(
+        f"guest RAM is too small for the kernel: it needs {need:#x} bytes from {candidates[-1]:#x}")
+
+
+def _write_cmdline(mem: GuestMemory, cmdline: str | bytes, cmdline_size: int) -> None:
+    raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+    if b"\0" in raw:
+        raise KernelImageError("kernel command line contains a NUL byte")
+    limit = min(cmdline_size or DEFAULT_CMDLINE_SIZE, layout.CMDLINE_MAX_SIZE - 1)
+    if len(raw) > limit:
+        raise KernelImageError(
+            f"kernel command line is {len(raw)} bytes; this kernel accepts at most {limit}")
+    mem.write(layout.CMDLINE, raw + b"\0")
+
+
+def place_initrd(e820, size: int, *, limit: int, avoid=()) -> int:
+    """Highest page-aligned start for `size` bytes in usable RAM at or above 1 MiB, ending
+    at or below `limit`, overlapping none of the `avoid` ranges [(start, end), ...]."""
+    if size <= 0:
+        raise ValueError("initrd size must be positive")
+    free = [(max(lo, layout.HIMEM_START), min(hi, limit)) for lo, hi in usable_ranges(e820)]
+    for lo, hi in sorted(avoid):
+        free = [piece for (a, b) in free for piece in ((a, min(b, lo)), (max(a, hi), b))]
+    for lo, hi in sorted(free, key=lambda r: r[1], reverse=True):
+        start = (hi - size) & ~(layout.PAGE_SIZE - 1)
+        if hi - lo >= size and start >= lo:
+            return start
+    raise KernelImageError(
+        f"initrd of {size} bytes does not fit in guest RAM below {limit:#x} "
+        "beside the kernel; give the guest more memory")
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
