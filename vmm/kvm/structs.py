@@ -84,7 +84,7 @@ class kvm_msr_list(Struct):
 
 
 class kvm_lapic_state(Struct):
-    _fields_ = [("regs", ctypes.c_char * 1024)]
+    _fields_ = [("regs", u8 * 1024)]
 
 
 class kvm_mp_state(Struct):

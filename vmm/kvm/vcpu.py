@@ -101,7 +101,7 @@ class Vcpu:
         ioctl(self.fd, c.KVM_SET_FPU, fpu, name="KVM_SET_FPU")
 
     def get_lapic(self) -> bytes:
-        return bytes(self._get(c.KVM_GET_LAPIC, s.kvm_lapic_state, "KVM_GET_LAPIC").regs.raw)
+        return bytes(self._get(c.KVM_GET_LAPIC, s.kvm_lapic_state, "KVM_GET_LAPIC").regs)
 
     def set_lapic(self, regs: bytes) -> None:
         state = s.kvm_lapic_state()
@@ -118,6 +118,20 @@ class Vcpu:
                 for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
                     setattr(slot, f, getattr(e, f))
         ioctl(self.fd, c.KVM_SET_CPUID2, buf, name="KVM_SET_CPUID2")
+
+    def get_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """The CPUID table KVM holds for this vCPU (some KVMs merge in bits of their own)."""
+        nent = 256
+        while True:
+            buf = s.cpuid2(nent)
+            try:
+                ioctl(self.fd, c.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
+            except OSError as e:
+                if e.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise
+            return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[: buf.nent]]
 
     def set_msrs(self, values: dict[int, int]) -> None:
         m = s.msrs(values)

@@ -1,0 +1,196 @@
+"""The VMM core through real KVM, with tiny guests in guest user mode (native on every KVM)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vmm.machine import Machine, MachineConfig
+from vmm.memory import GiB, MiB
+
+pytestmark = pytest.mark.kvm
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Recorder:
+    """A port-I/O or MMIO test device: answers reads from `answers`, records every access."""
+
+    def __init__(self, answers=None, on_write=None):
+        self.answers = answers or {}
+        self.reads, self.writes = [], []
+        self.threads = set()
+        self.on_write = on_write
+        self.lock = threading.Lock()
+
+    def read(self, offset, size):
+        with self.lock:
+            self.reads.append((offset, size))
+        return self.answers.get((offset, size), 0)
+
+    def write(self, offset, size, value):
+        with self.lock:
+            self.writes.append((offset, size, value))
+            self.threads.add(threading.current_thread().name)
+        if self.on_write:
+            self.on_write(offset, size, value)
+
+
+def run_machine(machine, timeout=30):
+    """Run with a watchdog so a broken guest fails the test instead of hanging it."""
+    timer = threading.Timer(timeout, lambda: machine.lifecycle.stop(99, "test watchdog"))
+    timer.start()
+    try:
+        return machine.run()
+    finally:
+        timer.cancel()
+        machine.close()
+
+
+def test_uart_output_reaches_the_console(tiny, tmp_path):
+    log = tmp_path / "console.log"
+    m = Machine(MachineConfig(program=tiny("hello"), console=f"file:{log}"))
+    assert run_machine(m) == 0
+    assert m.lifecycle.message == "guest powered off"
+    assert log.read_text() == "hello from a guest in user mode\n"
+
+
+@pytest.mark.parametrize("mem_size", [64 * MiB, 3 * GiB + 64 * MiB])
+def test_memory_slots_below_and_above_the_hole(tiny, mem_size):
+    m = Machine(MachineConfig(program=tiny("memslots"), mem_size=mem_size, console="none"))
+    regions = m.mem.regions
+    addresses = [0x200000, regions[0].end - 8]
+    if len(regions) > 1:
+        assert regions[0].end == 3 * GiB and regions[1].gpa == 4 * GiB
+        addresses += [regions[1].gpa, regions[1].end - 8]
+    table = [len(addresses)] + addresses
+    m.mem.write(0x300000, b"".join(a.to_bytes(8, "little") for a in table))
+    rec = Recorder()
+    m.pio.register(0x500, 4, rec)
+    mem = m.mem
+    patterns = {a: a ^ 0x5A5A5A5AA5A5A5A5 for a in addresses}
+    m.lifecycle.on_stop(lambda: None)
+    status = m.run()
+    try:
+        assert status == 0
+        seen = [v for _, _, v in rec.writes]
+        expected = []
+        for a in addresses:
+            expected += [patterns[a] & 0xFFFFFFFF, patterns[a] >> 32]
+        assert seen == expected
+        for a in addresses:  # what the guest wrote is where the host sees it
+            assert mem.read_int(a, 8) == patterns[a]
+    finally:
+        m.close()
+
+
+def test_port_and_mmio_exits_both_ways(tiny):
+    m = Machine(MachineConfig(program=tiny("pio_mmio"), console="none"))
+    port = Recorder({(0, 1): 0x41, (0, 2): 0x4142, (0, 4): 0x41424344})
+    mmio = Recorder({(0, 1): 0x10, (0, 2): 0x1020, (0, 4): 0x10203040, (0, 8): 0x1020304050607080})
+    m.pio.register(0x510, 1, port)
+    m.mmio.register(0xD0000000, 0x1000, mmio)
+    assert run_machine(m) == 0
+    assert port.reads == [(0, 1), (0, 2), (0, 4)]
+    assert port.writes == [(0, 1, 0x42), (0, 2, 0x4143), (0, 4, 0x41424345)]
+    assert mmio.reads == [(0, 1), (0, 2), (0, 4), (0, 8)]
+    assert mmio.writes == [(1, 1, 0x11), (2, 2, 0x1021), (4, 4, 0x10203041), (8, 8, 0x1020304050607081)]
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_several_vcpus_run_at_once(tiny, cpus):
+    m = Machine(MachineConfig(program=tiny("smp"), cpus=cpus, console="none"))
+    done = set()
+
+    def on_write(offset, size, value):
+        done.add(value)
+        if len(done) == cpus:
+            m.lifecycle.power_off()
+
+    rec = Recorder(on_write=on_write)
+    m.pio.register(0x500, 4, rec)
+    counters = [0x300000 + 64 * i for i in range(cpus)]
+    mem = m.mem
+    status = m.run()
+    try:
+        assert status == 0
+        assert done == set(range(cpus))
+        assert rec.threads == {f"vcpu{i}" for i in range(cpus)}  # each vCPU's exit came on its own thread
+        assert [mem.read_int(a, 8) for a in counters] == [1 << 20] * cpus
+    finally:
+        m.close()
+
+
+def test_guest_reset_ends_the_vm(tiny):
+    m = Machine(MachineConfig(program=tiny("reset"), console="none"))
+    assert run_machine(m) == 0
+    assert m.lifecycle.reset_requested and m.lifecycle.message == "guest reset"
+
+
+def test_unclaimed_ports_read_all_ones(tiny):
+    from vmm.bus import Bus
+
+    bus = Bus("pio")
+    assert bus.read(0x1234, 1) == 0xFF and bus.read(0x1234, 2) == 0xFFFF and bus.read(0x1234, 4) == 0xFFFFFFFF
+    bus.write(0x1234, 1, 0)  # swallowed quietly
+
+
+def pyvmm(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 60), **kw)
+
+
+def test_cli_runs_a_program_and_exits_0_on_poweroff(tiny):
+    r = pyvmm("run", "--program", tiny("hello"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from a guest in user mode\n"
+
+
+def test_fatal_exit_prints_registers_and_exits_1(tiny):
+    r = pyvmm("run", "--program", tiny("crash"), "--console", "none")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "RIP=" in r.stderr and "RFLAGS=" in r.stderr
+    # the bytes at RIP are the ud2 (0f 0b) the guest executed
+    assert "code at RIP: 0f 0b" in r.stderr
+
+
+def test_sigterm_stops_the_vm_cleanly(tiny):
+    p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "--program", tiny("spin"), "--cpus", "2",
+                          "--console", "none"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert p.poll() is None, p.communicate()
+    start = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 0, err
+    assert time.monotonic() - start < 10
+    assert "Traceback" not in err
+
+
+def test_console_escape_quits(tiny):
+    # Ctrl-A x on a terminal ends pyvmm; use a pty so stdin is a tty
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "vmm.cli", "run", "--program", tiny("spin")])
+    try:
+        time.sleep(1.5)
+        os.write(fd, b"\x01x")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("Ctrl-A x did not end pyvmm")
+    finally:
+        os.close(fd)

@@ -1,0 +1,84 @@
+"""The two ways pyvmm starts a guest, both in 64-bit mode:
+
+* `boot_linux`: a Linux kernel (bzImage or vmlinux) through the 64-bit boot
+  protocol, kernel mode, with ACPI tables describing the machine.
+* `boot_program`: a freestanding x86-64 ELF (our driver guest, test guests) in
+  guest user mode (CPL 3, IOPL 3, interrupts off), which runs natively on every
+  KVM, including the software KVM of hosts without VT-x/AMD-V.
+
+Each returns a `BootPlan`: what the boot vCPU's registers must be, and whether
+the other vCPUs start at once (programs) or wait for INIT/SIPI (Linux).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernel import acpi, layout
+from kernel.elf import load_elf
+from kernel.errors import KernelImageError
+from kernel.linux import LinuxBoot, load_linux
+from kernel.x86 import LongModeState, long_mode_state, page_table_bytes, write_gdt, write_identity_page_tables
+
+# user-mode programs: page tables from PROGRAM_PAGE_TABLES up (before the 4 MiB
+# where programs are linked), each vCPU's stack PROGRAM_STACK_SIZE below the last
+PROGRAM_PAGE_TABLES = 0x10000
+PROGRAM_LOWEST_LOAD = 0x400000
+PROGRAM_STACK_TOP = 0x400000
+PROGRAM_STACK_SIZE = 0x10000
+
+
+@dataclass
+class BootPlan:
+    states: list[LongModeState]  # one per vCPU that starts running; the rest wait for SIPI
+    linux: LinuxBoot | None = None
+    user_mode: bool = False
+
+
+def acpi_config(cpus: int, pci=None) -> acpi.AcpiConfig:
+    from .devices import acpi_pm
+
+    return acpi.AcpiConfig(
+        num_cpus=cpus,
+        serial_ports=[(0x3F8, 4)],
+        pci=pci,
+        sleep_control_port=acpi_pm.SLEEP_CONTROL_PORT,
+        sleep_status_port=acpi_pm.SLEEP_STATUS_PORT,
+        reset_port=acpi_pm.RESET_PORT,
+        reset_value=acpi_pm.RESET_VALUE,
+    )
+
+
+def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int, entry: str = "vmlinux",
+               pci=None) -> BootPlan:
+    tables = acpi.build(acpi_config(cpus, pci), rsdp_addr=layout.ACPI_START)
+    for gpa, blob in tables.items():
+        mem.write(gpa, blob)
+    linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, acpi_rsdp_addr=layout.ACPI_START)
+    gdt = write_gdt(mem, layout.BOOT_GDT)
+    cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
+    bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)
+    return BootPlan(states=[bsp], linux=linux)
+
+
+def boot_program(mem, *, program: str, cpus: int, map_size: int) -> BootPlan:
+    """Load an ELF and start every vCPU at its entry in user mode, RDI = vCPU index,
+    RSI = number of vCPUs, RSP = a stack of its own."""
+    try:
+        with open(program, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise KernelImageError(f"cannot read program {program}: {e.strerror}") from None
+    loaded = load_elf(mem, data)
+    if loaded.low < PROGRAM_LOWEST_LOAD:
+        raise KernelImageError(f"program loads at {loaded.low:#x}, below {PROGRAM_LOWEST_LOAD:#x}")
+    tables_end = PROGRAM_PAGE_TABLES + page_table_bytes(map_size)
+    if tables_end > PROGRAM_STACK_TOP - cpus * PROGRAM_STACK_SIZE:
+        raise KernelImageError("too many vCPUs or too large a map for the program layout")
+    gdt = write_gdt(mem, layout.BOOT_GDT)
+    cr3 = write_identity_page_tables(mem, PROGRAM_PAGE_TABLES, map_size, user=True)
+    states = []
+    for i in range(cpus):
+        states.append(long_mode_state(cr3=cr3, gdt=gdt, rip=loaded.entry, rdi=i, rsi=cpus,
+                                      rsp=PROGRAM_STACK_TOP - i * PROGRAM_STACK_SIZE, user=True))
+    return BootPlan(states=states, user_mode=True)

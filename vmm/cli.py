@@ -1,0 +1,193 @@
+"""pyvmm's command line.  The only place that prints user errors and picks exit codes:
+0 the guest powered off (or was stopped on request), 1 the guest or pyvmm failed,
+2 bad input from the user (one line on stderr, never a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from . import kit
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """'512M', '4G', '65536', '1.5G' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 4G)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, status 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pyvmm", description="A KVM virtual machine monitor with paravirtual virtio devices.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="boot a guest", description=(
+        "Boot a Linux kernel (bzImage or vmlinux) with an initrd, or a freestanding program in guest user mode. "
+        "With no --kernel, boots the default guest kit (scripts/guestkit.py build). "
+        "On the serial console, Ctrl-A x quits."))
+    run.add_argument("--kernel", help=f"bzImage or vmlinux ELF (default: {kit.kit_kernel()})")
+    run.add_argument("--initrd", help=f"initial ramdisk (default with the kit kernel: {kit.kit_initrd()})")
+    run.add_argument("--cmdline", default="console=ttyS0", help="kernel command line (default: %(default)s)")
+    run.add_argument("--append", default="", help="added to the end of --cmdline")
+    run.add_argument("--mem", type=parse_size, default=512 << 20, help="guest RAM, e.g. 512M, 4G (default: 512M)")
+    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default: 1)")
+    run.add_argument("--console", default="stdio", help="stdio, file:PATH or none (default: stdio)")
+    run.add_argument("--entry", choices=("vmlinux", "bzimage"), default="vmlinux", help=(
+        "vmlinux: decompress the bzImage on the host and enter the kernel's 64-bit entry directly (default, faster); "
+        "bzimage: enter the bzImage's own 64-bit entry and let it decompress itself"))
+    run.add_argument("--cpuid-mask", default="auto", metavar="FEATURES", help=(
+        "comma-separated CPU features hidden from the guest (e.g. cx16,xsave), 'none', or 'auto' (default): "
+        "hide what the host's KVM cannot run when it emulates guest kernel mode"))
+    run.add_argument("--on-reboot", choices=("exit", "restart"), default="exit",
+                     help="when the guest reboots: end pyvmm with status 0 (default) or start it again")
+    run.add_argument("--program", metavar="ELF", help=(
+        "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
+        "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
+
+    sub.add_parser("check", help="what this host's KVM supports, and whether guest kernel mode is native")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                            format="pyvmm: %(message)s")
+        if args.command == "check":
+            return cmd_check()
+        if args.command == "run":
+            return cmd_run(args)
+        build_parser().print_help()
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def open_kvm():
+    from .kvm import Kvm
+
+    try:
+        return Kvm()
+    except FileNotFoundError:
+        raise UsageError("/dev/kvm does not exist: this host has no KVM (load kvm-intel or kvm-amd)") from None
+    except PermissionError:
+        raise UsageError("no permission to open /dev/kvm (add yourself to the kvm group or run as root)") from None
+
+
+def cmd_check() -> int:
+    from .hostcheck import report
+
+    kvm = open_kvm()
+    print(report(kvm))
+    return EXIT_OK
+
+
+def _readable_file(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable")
+    return path
+
+
+def config_from_args(args, kvm):
+    from kernel.cpuid import parse_mask
+    from .machine import MachineConfig
+
+    if args.mem < (16 << 20):
+        raise UsageError(f"--mem {args.mem} bytes is too small: at least 16M")
+    if args.mem % 4096:
+        raise UsageError("--mem must be a multiple of 4 KiB")
+    max_cpus = kvm.max_vcpus()
+    if not 1 <= args.cpus <= max_cpus:
+        raise UsageError(f"--cpus {args.cpus}: this host's KVM allows 1 to {max_cpus}")
+    if not (args.console in ("stdio", "none") or args.console.startswith("file:") and len(args.console) > 5):
+        raise UsageError(f"--console {args.console!r}: use stdio, file:PATH or none")
+    if args.cpuid_mask == "auto":
+        mask = None
+    elif args.cpuid_mask == "none":
+        mask = ()
+    else:
+        try:
+            mask = parse_mask(args.cpuid_mask)
+        except ValueError as e:
+            raise UsageError(f"--cpuid-mask: {e}") from None
+
+    cmdline = f"{args.cmdline} {args.append}".strip()
+    if args.program:
+        return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
+                             console=args.console, cpuid_mask=mask)
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        kernel = str(kit.kit_kernel())
+        if not os.path.exists(kernel):
+            raise UsageError(f"no --kernel given and no guest kit at {kit.kit_dir()}: "
+                             "build it with 'python3 scripts/guestkit.py build'")
+        if initrd is None:
+            initrd = str(kit.kit_initrd())
+    _readable_file(kernel, "kernel")
+    if initrd is not None:
+        _readable_file(initrd, "initrd")
+    return MachineConfig(mem_size=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd, cmdline=cmdline,
+                         entry=args.entry, console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot)
+
+
+def cmd_run(args) -> int:
+    from kernel.errors import KernelImageError
+    from .console import stdin_fd
+    from .hostcheck import EMULATED_WARNING, kernel_mode_native
+    from .machine import Machine
+
+    kvm = open_kvm()
+    config = config_from_args(args, kvm)
+    if not config.program:
+        config.kernel_mode_native = kernel_mode_native(kvm)
+    first = True
+    console_in = stdin_fd() if config.console == "stdio" else None
+    while True:
+        try:
+            machine = Machine(config, kvm=kvm, console_in=console_in)
+        except KernelImageError as e:
+            raise UsageError(str(e)) from None
+        if first:
+            if config.kernel_mode_native is False:
+                print(f"pyvmm: note: this host's KVM emulates guest kernel mode: {EMULATED_WARNING}", file=sys.stderr)
+            for note in machine.notes:
+                print(f"pyvmm: note: {note}", file=sys.stderr)
+            first = False
+        try:
+            status = machine.run()
+            message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
+        finally:
+            machine.close()
+        if message and (status != 0 or args.verbose):
+            print(f"\npyvmm: {message}", file=sys.stderr)
+        if reset and config.on_reboot == "restart":
+            continue
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""One VM, assembled from a MachineConfig: memory, vCPUs, buses, devices; its lifecycle.
+
+    cfg = MachineConfig(kernel="vmlinuz", initrd="initrd", cmdline="console=ttyS0", cpus=2)
+    status = Machine(cfg).run()      # blocks until the guest powers off or the VM is stopped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from kernel import cpuid as cpuid_mod
+from kernel.x86 import BOOT_MSRS, lapic_for_boot
+from .boot import BootPlan, boot_linux, boot_program
+from .bus import Bus
+from .console import OutputSink, TerminalInput
+from .devices.acpi_pm import RESET_PORT, SLEEP_CONTROL_PORT, AcpiSleepDevice
+from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZE, I8042
+from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
+from .kvm import Kvm
+from .kvm import structs as s
+from .lifecycle import Lifecycle
+from .memory import MMIO_HOLE_START, GuestMemory
+from .vcpu import KICK_SIGNAL, VcpuThread
+
+log = logging.getLogger(__name__)
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+# Intel VT-x needs three pages for a real-mode TSS and one for the EPT identity map; they sit
+# in the MMIO hole just under the BIOS area, as in other VMMs.
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 noapictimer"
+
+
+@dataclass
+class MachineConfig:
+    mem_size: int = 512 << 20
+    cpus: int = 1
+    kernel: str | None = None          # bzImage or vmlinux ELF (Linux boot)
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0"
+    entry: str = "vmlinux"             # "vmlinux": decompress on the host; "bzimage": the kernel's own
+    program: str | None = None         # a freestanding ELF run in guest user mode instead of Linux
+    console: str = "stdio"             # "stdio", "file:PATH", "none"
+    cpuid_mask: tuple[str, ...] | None = None  # None: automatic (what the host's KVM cannot run)
+    on_reboot: str = "exit"            # "exit" or "restart"
+    kernel_mode_native: bool | None = None  # None: measure
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
+        self.config = config
+        self.lifecycle = Lifecycle()
+        self.kvm = kvm or Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(s.KVM_PIT_SPEAKER_DUMMY)
+
+        self.mem = GuestMemory(config.mem_size)
+        for slot, region in enumerate(self.mem.regions):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, self.mem.host_address(region))
+
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._console_sink = console_out or self._make_sink(config.console)
+        self._console_in = console_in
+        self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
+        self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial)
+        self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset))
+        self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
+                          AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset))
+
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
+        self.notes: list[str] = []  # things the user should know, printed once by the CLI
+        self.plan = None
+        clear = self._configure_cpuid()
+        self.plan = self._boot(extra_cmdline=f" clearcpuid={','.join(clear)}" if clear else "")
+        self._configure_vcpus()
+        self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle)
+                        for v in self.vcpus]
+        self.lifecycle.on_stop(self._kick_all)
+
+    # -- assembly -------------------------------------------------------------------
+    @staticmethod
+    def _make_sink(console: str):
+        if console == "stdio":
+            return OutputSink(1)
+        if console.startswith("file:"):
+            return OutputSink.to_file(console[5:])
+        if console == "none":
+            return lambda data: None
+        raise ValueError(f"unknown console {console!r}")
+
+    def _boot(self, extra_cmdline: str = "") -> BootPlan:
+        c = self.config
+        if c.program:
+            top = max(r.end for r in self.mem.regions)
+            return boot_program(self.mem, program=c.program, cpus=c.cpus, map_size=max(top, 4 << 30))
+        return boot_linux(self.mem, kernel=c.kernel, initrd=c.initrd, cmdline=c.cmdline + extra_cmdline,
+                          cpus=c.cpus, entry=c.entry)
+
+    def cpuid_mask(self) -> tuple[str, ...]:
+        """The features hidden from the guest: as configured, else (automatic) what an emulating
+        KVM cannot run, when a kernel will run in guest kernel mode."""
+        if self.config.cpuid_mask is not None:
+            return self.config.cpuid_mask
+        if self.config.program:
+            return ()
+        native = self.config.kernel_mode_native
+        if native is None:
+            from .hostcheck import kernel_mode_native
+
+            native = kernel_mode_native(self.kvm)
+        return () if native else cpuid_mod.EMULATOR_MASK
+
+    def _configure_cpuid(self) -> tuple[str, ...]:
+        """Give each vCPU its CPUID; return the masked features KVM left visible anyway."""
+        supported = [cpuid_mod.CpuidEntry(*e) for e in self.kvm.supported_cpuid()]
+        mask = self.cpuid_mask()
+        for i, vcpu in enumerate(self.vcpus):
+            vcpu.set_cpuid(cpuid_mod.vcpu_cpuid(supported, vcpu_index=i, num_cpus=self.config.cpus, mask=mask))
+        if not mask:
+            return ()
+        held = [cpuid_mod.CpuidEntry(*e) for e in self.vcpus[0].get_cpuid()]
+        visible = cpuid_mod.features_still_visible(held, mask)
+        if visible and not self.config.program:
+            self.notes.append(f"this KVM keeps {', '.join(visible)} visible despite the CPUID mask; "
+                              f"added clearcpuid={','.join(visible)} to the kernel command line")
+        return visible if not self.config.program else ()
+
+    def _configure_vcpus(self) -> None:
+        for i, vcpu in enumerate(self.vcpus):
+            vcpu.set_msrs(BOOT_MSRS)
+            vcpu.set_lapic(lapic_for_boot(vcpu.get_lapic(), enable=self.plan.user_mode))
+            if i < len(self.plan.states):
+                set_long_mode(vcpu, self.plan.states[i])
+                if i > 0:
+                    vcpu.set_mp_state(s.KVM_MP_STATE_RUNNABLE)
+
+    # -- running ------------------------------------------------------------------------
+    def _kick_all(self) -> None:
+        for t in self.threads:
+            t.kick()
+
+    def start(self) -> None:
+        """Start the vCPU threads (must be called from the main thread)."""
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        for t in self.threads:
+            t.start()
+
+    def run(self) -> int:
+        """Run until the guest powers off, resets, or we are told to stop; the exit status."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.start()
+            self._main_loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.lifecycle.stop(0)
+            for t in self.threads:
+                t.join(timeout=5)
+        return self.lifecycle.exit_code or 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.lifecycle.stop(0 if signum != signal.SIGHUP else 1, f"stopped by {signal.Signals(signum).name}")
+
+    def _main_loop(self) -> None:
+        ep = select.epoll()
+        ep.register(self.lifecycle.wake_fd, select.EPOLLIN)
+        term = None
+        if self._console_in is not None:
+            try:  # a regular file or /dev/null cannot be polled: then there is no console input
+                ep.register(self._console_in, select.EPOLLIN)
+            except PermissionError:
+                self._console_in = None
+        if self._console_in is not None:
+            term = TerminalInput(self._console_in, feed=self.serial.feed,
+                                 quit=lambda: self.lifecycle.stop(0, "quit from the console"), echo=self._console_sink)
+            os.set_blocking(self._console_in, False)
+        try:
+            with term if term is not None else contextlib.nullcontext():
+                while not self.lifecycle.stopping:
+                    for fd, _ in ep.poll():
+                        if term is not None and fd == self._console_in:
+                            term.on_readable()
+                            if term.eof:
+                                ep.unregister(fd)
+        finally:
+            ep.close()
+            if self._console_in is not None:
+                try:
+                    os.set_blocking(self._console_in, True)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vm.close()
+        self.mem.close()
+        self.lifecycle.close()
+        if isinstance(self._console_sink, OutputSink):
+            self._console_sink.close()
+
+
+def set_long_mode(vcpu, st) -> None:
+    """Copy a kernel.x86.LongModeState into the vCPU's registers."""
+    sregs = vcpu.get_sregs()
+    for name in ("cs",):
+        _load_segment(getattr(sregs, name), st.cs)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        _load_segment(getattr(sregs, name), st.ds)
+    sregs.gdt.base, sregs.gdt.limit = st.gdt
+    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
+    vcpu.set_sregs(sregs)
+
+    vcpu.set_regs(s.kvm_regs(rip=st.rip, rsp=st.rsp, rsi=st.rsi, rdi=st.rdi, rflags=st.rflags))
+
+    fpu = s.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
+    vcpu.set_fpu(fpu)
+
+
+def _load_segment(seg, src) -> None:
+    for f in ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l", "g", "avl"):
+        setattr(seg, f, getattr(src, f))
+    seg.unusable = 0
