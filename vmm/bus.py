@@ -80,4 +80,4 @@ class Bus:
     def _unclaimed(self, addr: int, what: str) -> None:
         if addr not in self._unclaimed_seen and len(self._unclaimed_seen) < 4096:
             self._unclaimed_seen.add(addr)
-            log.debug("%s: unclaimed %s at %#x", self.name, what, addr)
+            log.info("%s: unclaimed %s at %#x (logged once)", self.name, what, addr)

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
 from . import kit
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 def open_kvm():
     from .kvm import Kvm
 
+    path = os.environ.get("PYVMM_KVM", "/dev/kvm")
     try:
-        return Kvm()
+        return Kvm(path)
     except FileNotFoundError:
-        raise UsageError("/dev/kvm does not exist: this host has no KVM (load kvm-intel or kvm-amd)") from None
+        raise UsageError(f"{path} does not exist: this host has no KVM (load kvm-intel or kvm-amd)") from None
     except PermissionError:
-        raise UsageError("no permission to open /dev/kvm (add yourself to the kvm group or run as root)") from None
+        raise UsageError(f"no permission to open {path} (add yourself to the kvm group or run as root)") from None
 
 
 def cmd_check() -> int:
@@ -138,7 +140,7 @@ def config_from_args(args, kvm):
     cmdline = f"{args.cmdline} {args.append}".strip()
     if args.program:
         return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
-                             console=args.console, cpuid_mask=mask)
+                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         kernel = str(kit.kit_kernel())
@@ -166,7 +168,10 @@ def cmd_run(args) -> int:
         config.kernel_mode_native = kernel_mode_native(kvm)
     first = True
     console_in = stdin_fd() if config.console == "stdio" else None
-    while True:
+    stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    while not stopped:
         try:
             machine = Machine(config, kvm=kvm, console_in=console_in)
         except KernelImageError as e:
@@ -187,6 +192,7 @@ def cmd_run(args) -> int:
         if reset and config.on_reboot == "restart":
             continue
         return status
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from pathlib import Path
 
 def kit_dir() -> Path:
     if os.environ.get("PYVMM_KIT_DIR"):
-        return Path(os.environ["PYVMM_KIT_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "pyvmm" / "kit"
+        return Path(os.environ["PYVMM_KIT_DIR"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "pyvmm" / "kit"
 
 
 def kit_kernel() -> Path:

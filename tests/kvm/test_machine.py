@@ -194,3 +194,19 @@ def test_console_escape_quits(tiny):
             pytest.fail("Ctrl-A x did not end pyvmm")
     finally:
         os.close(fd)
+
+
+def test_on_reboot_restart_boots_again(tiny, tmp_path):
+    log = tmp_path / "console.log"
+    p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "--program", tiny("reboot"), "--on-reboot",
+                          "restart", "--console", f"file:{log}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not log.exists() or log.read_text().count("boot") < 3):
+            time.sleep(0.1)
+        assert log.read_text().count("boot") >= 3  # it came back after each reset
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    assert p.returncode == 0, err

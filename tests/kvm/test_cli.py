@@ -1,0 +1,94 @@
+"""Bad input from the user: one clear line on stderr, exit status 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pyvmm(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=e, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pyvmm: error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def not_a_kernel(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello\n" * 1000)
+    return str(p)
+
+
+def test_missing_kernel():
+    one_line_error(pyvmm("run", "--kernel", "/nonexistent/bzImage"), "does not exist")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    one_line_error(pyvmm("run", "--kernel", str(tmp_path)), "not a file")
+
+
+def test_not_a_bzimage_or_elf(not_a_kernel):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel), "neither a bzImage nor an ELF")
+
+
+def test_old_boot_protocol(tmp_path):
+    img = bytearray(8192)
+    img[0x1F1] = 4  # setup_sects
+    img[0x1FE:0x200] = b"\x55\xaa"
+    img[0x200:0x202] = b"\xeb\x26"  # jmp over the header, as real setup code starts
+    img[0x202:0x206] = b"HdrS"
+    img[0x206:0x208] = (0x0204).to_bytes(2, "little")
+    p = tmp_path / "old"
+    p.write_bytes(img)
+    one_line_error(pyvmm("run", "--kernel", str(p)), "older than 2.06")
+
+
+@pytest.mark.parametrize("mem", ["0", "1M", "abc"])
+def test_bad_mem(not_a_kernel, mem):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel, "--mem", mem), "mem")
+
+
+@pytest.mark.parametrize("cpus", ["0", "100000"])
+def test_bad_cpus(not_a_kernel, cpus):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel, "--cpus", cpus), "--cpus")
+
+
+def test_no_kvm_device(not_a_kernel):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel, env={"PYVMM_KVM": "/nonexistent/kvm"}), "no KVM")
+
+
+def test_unreadable_initrd(not_a_kernel, tmp_path):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel, "--initrd", str(tmp_path / "nope")), "initrd")
+
+
+def test_bad_cpuid_mask(not_a_kernel):
+    one_line_error(pyvmm("run", "--kernel", not_a_kernel, "--cpuid-mask", "cx16,bogus"), "bogus")
+
+
+def test_missing_kit(tmp_path):
+    one_line_error(pyvmm("run", env={"PYVMM_KIT_DIR": str(tmp_path / "none")}), "guest kit")
+
+
+def test_unknown_option():
+    one_line_error(pyvmm("run", "--frobnicate"), "frobnicate")
+
+
+def test_check_reports_the_host():
+    r = pyvmm("check")
+    assert r.returncode == 0, r.stderr
+    assert "KVM API version:   12" in r.stdout
+    assert "KVM_CAP_IRQFD" in r.stdout and "KVM_CAP_IOEVENTFD" in r.stdout
+    assert "guest kernel mode:" in r.stdout
+    assert ("native" in r.stdout) or ("EMULATED" in r.stdout)
