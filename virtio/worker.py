@@ -1,0 +1,66 @@
+"""An I/O thread: epoll over eventfds, a callback for each; stoppable and joinable.
+
+Devices run their queues on these, woken by the ioeventfds KVM signals when the
+driver notifies a queue, so no vCPU thread ever runs device code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class IoThread:
+    def __init__(self, name: str):
+        self.name = name
+        self._ep = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._ep.register(self._stop_fd, select.EPOLLIN)
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
+
+        def on_event() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            handler()
+
+        self.add_fd(fd, on_event)
+
+    def add_fd(self, fd: int, handler: Callable[[], None], events: int = select.EPOLLIN) -> None:
+        self._handlers[fd] = handler
+        self._ep.register(fd, events)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        handlers, stop_fd = self._handlers, self._stop_fd
+        try:
+            while True:
+                for fd, _ in self._ep.poll():
+                    if fd == stop_fd:
+                        return
+                    handlers[fd]()
+        except BaseException as e:  # a bug in device code: stop this device, keep the VM
+            self.failure = e
+            log.exception("%s: I/O thread failed", self.name)
+
+    def stop(self) -> None:
+        """Stop and wait: when this returns, no handler is running or will run."""
+        os.eventfd_write(self._stop_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._ep.close()
+        os.close(self._stop_fd)
