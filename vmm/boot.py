@@ -41,6 +41,7 @@ def acpi_config(cpus: int, pci=None) -> acpi.AcpiConfig:
     return acpi.AcpiConfig(
         num_cpus=cpus,
         serial_ports=[(0x3F8, 4)],
+        cmos_rtc=True,
         pci=pci,
         sleep_control_port=acpi_pm.SLEEP_CONTROL_PORT,
         sleep_status_port=acpi_pm.SLEEP_STATUS_PORT,

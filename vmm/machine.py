@@ -19,6 +19,7 @@ from kernel.x86 import BOOT_MSRS, lapic_for_boot
 from .boot import BootPlan, boot_linux, boot_program
 from .bus import Bus
 from .console import OutputSink, TerminalInput
+from .devices.cmos import BASE_PORT as CMOS_BASE, PORT_RANGE_SIZE as CMOS_SIZE, CmosRtc
 from .devices.acpi_pm import RESET_PORT, SLEEP_CONTROL_PORT, AcpiSleepDevice
 from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZE, I8042
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
@@ -76,6 +77,8 @@ class Machine:
         self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
         self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial)
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset))
+        low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
+        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(mem_below_4g=low, mem_above_4g=high))
         self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
                           AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset))
 
