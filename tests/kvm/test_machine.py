@@ -208,5 +208,6 @@ def test_on_reboot_restart_boots_again(tiny, tmp_path):
         assert log.read_text().count("boot") >= 3  # it came back after each reset
     finally:
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=15)
+        # VM teardown waits on an SRCU grace period in the host kernel: slow when the host is busy
+        out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err

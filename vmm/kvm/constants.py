@@ -27,6 +27,7 @@ KVM_IRQ_LINE = _IOW(KVMIO, 0x61, s.kvm_irq_level)
 KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, s.kvm_irq_routing)
 KVM_IRQFD = _IOW(KVMIO, 0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, s.kvm_pit_config)
+KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71)  # takes a struct kvm_reinject_control *
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, s.kvm_msi)
 
@@ -61,6 +62,7 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_PIT = 11
 KVM_CAP_MP_STATE = 14
+KVM_CAP_REINJECT_CONTROL = 24
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33

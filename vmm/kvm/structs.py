@@ -130,6 +130,10 @@ class kvm_pit_config(Struct):
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
+class kvm_reinject_control(Struct):
+    _fields_ = [("pit_reinject", u8), ("reserved", u8 * 31)]
+
+
 class kvm_irqfd(Struct):
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
 
