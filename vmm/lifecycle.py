@@ -16,7 +16,8 @@ from typing import Callable
 
 class Lifecycle:
     def __init__(self):
-        self._lock = threading.Lock()
+        # re-entrant: a signal handler (main thread) may call stop() while the main thread is inside it
+        self._lock = threading.RLock()
         self.stopping = False
         self.exit_code: int | None = None
         self.message: str | None = None
