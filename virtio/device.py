@@ -64,6 +64,8 @@ class VirtioDevice:
         self.queue_events = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_queues)]
         self._interrupt: Callable[[int], None] = lambda kind: None
         self._lock = threading.RLock()
+        # set by I/O threads without the lock (reset() holds it while joining them)
+        self._needs_reset = False
         self.active = False
 
     # -- what the transport calls -----------------------------------------------------
@@ -72,7 +74,7 @@ class VirtioDevice:
 
     @property
     def status(self) -> int:
-        return self._status
+        return self._status | (VIRTIO_CONFIG_S_NEEDS_RESET if self._needs_reset else 0)
 
     def set_status(self, value: int) -> None:
         """The driver wrote the device status field (2.1.1, 3.1.1)."""
@@ -90,8 +92,8 @@ class VirtioDevice:
                     value &= ~VIRTIO_CONFIG_S_DRIVER_OK
                 else:
                     value = self._activate(value)
-            # NEEDS_RESET is the device's to set; keep it, whatever the driver wrote
-            self._status = value | (self._status & VIRTIO_CONFIG_S_NEEDS_RESET)
+            # NEEDS_RESET is the device's to set (self._needs_reset), whatever the driver wrote
+            self._status = value & ~VIRTIO_CONFIG_S_NEEDS_RESET
 
     def _features_acceptable(self) -> bool:
         extra = self.driver_features & ~self.device_features
@@ -114,7 +116,8 @@ class VirtioDevice:
                     q.activate()
         except QueueError as e:
             log.warning("%s: cannot start: %s", self.name, e)
-            return status | VIRTIO_CONFIG_S_NEEDS_RESET
+            self._needs_reset = True
+            return status
         self.active = True
         self.activate()
         return status
@@ -134,12 +137,12 @@ class VirtioDevice:
                     pass
             self.driver_features = 0
             self._status = 0
+            self._needs_reset = False
 
     def needs_reset(self, reason: str) -> None:
         """The device cannot go on until the driver resets it (2.1.2)."""
         log.warning("%s: device needs reset: %s", self.name, reason)
-        with self._lock:
-            self._status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        self._needs_reset = True
         self._interrupt(CONFIG)
 
     def has_feature(self, bit: int) -> bool:

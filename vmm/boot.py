@@ -51,11 +51,13 @@ def acpi_config(cpus: int, pci=None) -> acpi.AcpiConfig:
 
 
 def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int, entry: str = "vmlinux",
-               pci=None) -> BootPlan:
+               pci=None, reserved=()) -> BootPlan:
+    """`pci`: the PciHostConfig the DSDT describes; `reserved`: extra e820 reserved ranges (ECAM)."""
     tables = acpi.build(acpi_config(cpus, pci), rsdp_addr=layout.ACPI_START)
     for gpa, blob in tables.items():
         mem.write(gpa, blob)
-    linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, acpi_rsdp_addr=layout.ACPI_START)
+    linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
+                       acpi_rsdp_addr=layout.ACPI_START)
     gdt = write_gdt(mem, layout.BOOT_GDT)
     cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
     bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hide what the host's KVM cannot run when it emulates guest kernel mode"))
     run.add_argument("--on-reboot", choices=("exit", "restart"), default="exit",
                      help="when the guest reboots: end pyvmm with status 0 (default) or start it again")
+    run.add_argument("--disk", action="append", default=[], metavar="SPEC", help=(
+        "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
+        "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
@@ -137,10 +140,21 @@ def config_from_args(args, kvm):
         except ValueError as e:
             raise UsageError(f"--cpuid-mask: {e}") from None
 
+    from virtio.blk import parse_disk_spec
+
+    disks = []
+    for text in args.disk:
+        try:
+            disks.append(parse_disk_spec(text))
+        except ValueError as e:
+            raise UsageError(f"--disk: {e}") from None
+        if not os.path.exists(disks[-1].path):
+            raise UsageError(f"--disk: {disks[-1].path} does not exist")
+
     cmdline = f"{args.cmdline} {args.append}".strip()
     if args.program:
         return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
-                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot)
+                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot, disks=disks)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         kernel = str(kit.kit_kernel())
@@ -153,11 +167,13 @@ def config_from_args(args, kvm):
     if initrd is not None:
         _readable_file(initrd, "initrd")
     return MachineConfig(mem_size=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd, cmdline=cmdline,
-                         entry=args.entry, console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot)
+                         entry=args.entry, console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot,
+                         disks=disks)
 
 
 def cmd_run(args) -> int:
     from kernel.errors import KernelImageError
+    from virtio.backends.raw import ImageError
     from .console import stdin_fd
     from .hostcheck import EMULATED_WARNING, kernel_mode_native
     from .machine import Machine
@@ -174,7 +190,7 @@ def cmd_run(args) -> int:
     while not stopped:
         try:
             machine = Machine(config, kvm=kvm, console_in=console_in)
-        except KernelImageError as e:
+        except (KernelImageError, ImageError) as e:
             raise UsageError(str(e)) from None
         if first:
             if config.kernel_mode_native is False:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 from kernel import cpuid as cpuid_mod
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
+from virtio.blk import VirtioBlk
+from virtio.pci import VirtioPciDevice
 from .boot import BootPlan, boot_linux, boot_program
 from .bus import Bus
 from .console import OutputSink, TerminalInput
@@ -25,7 +28,9 @@ from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZ
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
 from .kvm import Kvm
 from .kvm import structs as s
+from .irq import IrqRouter
 from .lifecycle import Lifecycle
+from .pci.host import PciHost
 from .memory import MMIO_HOLE_START, GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
 
@@ -53,6 +58,7 @@ class MachineConfig:
     cpuid_mask: tuple[str, ...] | None = None  # None: automatic (what the host's KVM cannot run)
     on_reboot: str = "exit"            # "exit" or "restart"
     kernel_mode_native: bool | None = None  # None: measure
+    disks: list = field(default_factory=list)  # virtio.blk.DiskSpec, one virtio-blk-pci device each
 
 
 class Machine:
@@ -82,6 +88,16 @@ class Machine:
         self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
                           AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset))
 
+        self.irq = IrqRouter(self.vm)
+        self.pci = PciHost(pio=self.pio, mmio=self.mmio)
+        self.disks = []
+        try:
+            for spec in config.disks:
+                self.disks.append(self._add_disk(spec))
+        except BaseException:
+            self._close_devices()
+            raise
+
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         self.notes: list[str] = []  # things the user should know, printed once by the CLI
         self.plan = None
@@ -103,13 +119,24 @@ class Machine:
             return lambda data: None
         raise ValueError(f"unknown console {console!r}")
 
+    def _add_disk(self, spec):
+        """A virtio-blk-pci device for one --disk; queues default to one per vCPU."""
+        dev = VirtioBlk.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus))
+        try:
+            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm))
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
     def _boot(self, extra_cmdline: str = "") -> BootPlan:
         c = self.config
         if c.program:
             top = max(r.end for r in self.mem.regions)
             return boot_program(self.mem, program=c.program, cpus=c.cpus, map_size=max(top, 4 << 30))
         return boot_linux(self.mem, kernel=c.kernel, initrd=c.initrd, cmdline=c.cmdline + extra_cmdline,
-                          cpus=c.cpus, entry=c.entry)
+                          cpus=c.cpus, entry=c.entry, pci=self.pci.layout.acpi_config(),
+                          reserved=self.pci.layout.e820_reserved())
 
     def cpuid_mask(self) -> tuple[str, ...]:
         """The features hidden from the guest: as configured, else (automatic) what an emulating
@@ -206,7 +233,13 @@ class Machine:
                 except OSError:
                     pass
 
+    def _close_devices(self) -> None:
+        self.pci.close()  # closes each device: I/O threads joined, ioeventfds removed, images unlocked
+        self.disks = []
+        self.irq.close()
+
     def close(self) -> None:
+        self._close_devices()
         for v in self.vcpus:
             v.close()
         self.vm.close()
