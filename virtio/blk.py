@@ -360,10 +360,12 @@ class VirtioBlk(VirtioDevice):
             self.signal_used(index)
 
     def _on_chain_error(self, queue: Queue, err: ChainError) -> None:
-        """A chain the queue could not walk: where its status byte is is unknown, so length 0."""
+        """A chain the queue could not walk: where its status byte is is unknown, so length 0.
+        A head the used ring cannot name leaves the driver waiting forever: the device needs a reset."""
+        if not err.completable:
+            raise QueueError(f"cannot return request {err.head} to the driver: {err}")
         self._guest_error("%s: %s", self.name, err)
-        if err.completable:
-            queue.add_used(err.head, 0)
+        queue.add_used(err.head, 0)
 
     def complete_request(self, chain: DescriptorChain) -> int:
         """Execute one request, write its status byte; return the used length."""

@@ -75,7 +75,6 @@ MAX_INDIRECT_LEN = 65536
 MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 # Byte offsets inside the rings.
@@ -299,7 +298,7 @@ class Queue:
             return 0
         # On x86 loads are not reordered with other loads, so the ring entries
         # read after this see at least what the driver wrote before idx.
-        (avail_idx,) = _U16.unpack_from(self.mem.buffer, self._avail_off + _AVAIL_IDX)
+        avail_idx = self.mem.u16[(self._avail_off + _AVAIL_IDX) >> 1]
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(
@@ -320,7 +319,7 @@ class Queue:
         if self._pending == 0 and self.available() == 0:
             return None
         slot = self.next_avail & (self.size - 1)
-        (head,) = _U16.unpack_from(self.mem.buffer, self._avail_off + _AVAIL_RING + 2 * slot)
+        head = self.mem.u16[(self._avail_off + _AVAIL_RING + 2 * slot) >> 1]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._pending -= 1
         return self._read_chain(head)
@@ -472,14 +471,13 @@ class Queue:
         """Write used.idx = next_used, handing every element added so far to the driver.
 
         The elements must be visible before the index.  x86 does not reorder
-        stores with other stores, and each struct.pack_into is a complete,
-        sequential store into the shared mapping, so writing the elements
-        first and used.idx last is enough (a weakly ordered host would need a
-        store barrier here).
+        stores with other stores, so writing the elements first and used.idx
+        last, as one 16-bit store (GuestMemory.u16), is enough (a weakly
+        ordered host would need a store barrier here).
         """
         if not self._ready:
             raise QueueError("publish_used on a queue that is not ready")
-        _U16.pack_into(self.mem.buffer, self._used_off + _USED_IDX, self.next_used)
+        self.mem.u16[(self._used_off + _USED_IDX) >> 1] = self.next_used
         self._used_idx = self.next_used
 
     # -- notifications -------------------------------------------------------------
@@ -500,11 +498,11 @@ class Queue:
         # used.idx (a store) must be visible before we read the driver's
         # used_event / flags (a load), or we may miss the driver's update.
         self._full_barrier()
-        buf = self.mem.buffer
+        u16 = self.mem.u16
         if self.event_idx:
-            (used_event,) = _U16.unpack_from(buf, self._avail_off + _AVAIL_RING + 2 * self.size)
+            used_event = u16[(self._avail_off + _AVAIL_RING + 2 * self.size) >> 1]
             return vring_need_event(used_event, new, old)
-        (flags,) = _U16.unpack_from(buf, self._avail_off)
+        flags = u16[self._avail_off >> 1]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, enabled: bool) -> None:
@@ -518,12 +516,12 @@ class Queue:
         """
         if not self._ready:
             return
-        buf = self.mem.buffer
+        u16 = self.mem.u16
         if self.event_idx:
             if enabled:
-                _U16.pack_into(buf, self._used_off + _USED_RING + 8 * self.size, self.next_avail)
+                u16[(self._used_off + _USED_RING + 8 * self.size) >> 1] = self.next_avail
         else:
-            _U16.pack_into(buf, self._used_off + _USED_FLAGS, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+            u16[(self._used_off + _USED_FLAGS) >> 1] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Re-enable driver notifications; return True if chains are (still) available.

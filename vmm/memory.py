@@ -74,6 +74,11 @@ class GuestMemory:
             os.close(self.fd)
             raise
         self._view = memoryview(self.buffer)
+        # The mapping as 16-bit words (x86 byte order): `u16[offset >> 1]` is one aligned 2-byte load
+        # or store.  Virtqueue indices must be accessed this way: struct.pack_into zero-fills before
+        # it writes and struct.unpack_from('<H') reads byte by byte, so a driver on another CPU could
+        # see, or cause us to see, a torn index.
+        self.u16 = self._view.cast("H")
         self._low = self.regions[0]
         self._high = self.regions[1] if len(self.regions) > 1 else None
 
@@ -138,6 +143,7 @@ class GuestMemory:
     def close(self) -> None:
         if self.buffer is None:
             return
+        self.u16.release()
         self._view.release()
         try:
             self.buffer.close()
