@@ -76,7 +76,7 @@ VIRTIO_MODULES = (
 )
 
 REQUIRED_APPLETS = (
-    "sh", "mount", "insmod", "ip", "dd", "sha256sum", "cat", "echo", "poweroff",
+    "sh", "mount", "insmod", "ip", "dd", "sha256sum", "cat", "echo", "poweroff", "switch_root", "env", "umount",
     "reboot", "sleep", "setsid", "cttyhack", "ls", "mkdir", "ln", "grep",
     "ifconfig", "ping", "nproc", "free", "uname", "dmesg", "base64",
 )
@@ -115,6 +115,34 @@ pyvmm_cmd_b64() {
     done
     set +f
     printf '%s' "$value"
+}
+
+# Print the value of the last NAME=value word ($1 = NAME) in the kernel command line file $2.
+pyvmm_param() {
+    set -f
+    value=
+    for word in $(cat "$2"); do
+        case "$word" in
+            "$1"=*) value=${word#"$1"=} ;;
+        esac
+    done
+    set +f
+    printf '%s' "$value"
+}
+
+# With pyvmm.root=DEV on the kernel command line (file $1), mount DEV and make it the root
+# filesystem (its /init runs next, with PYVMM_SWITCHED=1); returns if there is nothing to do.
+pyvmm_switch_root() {
+    root=$(pyvmm_param pyvmm.root "$1")
+    [ -n "$root" ] && [ -z "$PYVMM_SWITCHED" ] || return 0
+    mkdir -p /newroot
+    if ! mount "$root" /newroot; then
+        echo "pyvmm: cannot mount root $root; staying in the initramfs"
+        return 0
+    fi
+    echo "pyvmm: switching root to $root"
+    umount /dev/pts /dev /sys /proc
+    exec env PYVMM_SWITCHED=1 switch_root /newroot /init
 }
 
 # Print the base64 text $1 decoded; fails if it is not base64.
@@ -172,6 +200,7 @@ if [ ! -e /pyvmm-complete ]; then
     echo "pyvmm: the initramfs did not unpack completely; give the guest more memory"
 fi
 pyvmm_load_modules /lib/modules/pyvmm/modules.load
+pyvmm_switch_root /proc/cmdline
 echo PYVMM-READY
 
 if ! pyvmm_run_cmd /proc/cmdline; then

@@ -25,10 +25,11 @@ def _needs_native(kernel_mode_native):
                     "to userspace here; see test_stock_kernel_emulated.py for what is checked instead")
 
 
-def run_in_guest(command: str, *, cpus: int = 1, mem: str = "512M", timeout: int = BOOT_TIMEOUT):
+def run_in_guest(command: str, *, cpus: int = 1, mem: str = "512M", timeout: int = BOOT_TIMEOUT, args=(),
+                 append: str = ""):
     cmd64 = base64.b64encode(command.encode()).decode()
-    r = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--cpus", str(cpus), "--mem", mem,
-                        "--append", f"pyvmm.cmd={cmd64}"], cwd=ROOT, stdin=subprocess.DEVNULL,
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--cpus", str(cpus), "--mem", mem, *args,
+                        "--append", f"{append} pyvmm.cmd={cmd64}".strip()], cwd=ROOT, stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=timeout)
     out = r.stdout.replace("\r", "")
     assert "PYVMM-READY" in out, out[-3000:] + r.stderr
@@ -101,3 +102,38 @@ def test_interactive_shell_on_a_pty():
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+# -- virtio-blk with the guest's own drivers -----------------------------------------------------
+def test_vda_has_the_size_and_serial_we_gave(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"")
+    os.truncate(img, 96 << 20)
+    rc, status, out = run_in_guest("echo SIZE=$(cat /sys/block/vda/size); echo SERIAL=$(cat /sys/block/vda/serial)",
+                                   args=["--disk", f"{img},serial=pyvmm-serial-7"])
+    assert (rc, status) == (0, 0)
+    assert f"SIZE={(96 << 20) // 512}" in out
+    assert "SERIAL=pyvmm-serial-7" in out
+
+
+@pytest.mark.parametrize("cpus,cache", [(1, "writeback"), (2, "none")])
+def test_fio_verify_on_vda(tmp_path, cpus, cache):
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.truncate(256 << 20)
+    rc, status, out = run_in_guest(
+        "fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=128M --direct=1 --ioengine=libaio "
+        "--iodepth=32 --verify=crc32c --verify_fatal=1 --numjobs=1 --output-format=terse >/dev/null && echo FIO-OK",
+        cpus=cpus, args=["--disk", f"{img},cache={cache}"], timeout=300)
+    assert (rc, status) == (0, 0), out[-2000:]
+    assert "FIO-OK" in out
+
+
+def test_boots_with_root_on_virtio_blk(tmp_path):
+    from tests.support.rootfs import build_rootfs_image
+    from vmm import kit
+
+    root = build_rootfs_image(kit.kit_initrd(), tmp_path / "root.img")
+    rc, status, out = run_in_guest("mount | grep ' / '", args=["--disk", str(root)], append="pyvmm.root=/dev/vda")
+    assert (rc, status) == (0, 0)
+    assert "/dev/vda on / type ext4" in out

@@ -486,3 +486,12 @@ def test_kit_boots_under_qemu_tcg(tmp_path):
     assert any(line.startswith("iperf 3") for line in after)
     assert "pyvmm-test-disk!" in after
     assert "PYVMM-EXIT=0" in after
+
+
+def test_init_reads_named_parameters(tmp_path):
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 pyvmm.root=/dev/vda quiet pyvmm.root=/dev/vdb\n")
+    script = guestkit.INIT_FUNCTIONS + f'\nprintf "[%s]" "$(pyvmm_param pyvmm.root {cmdline})"' \
+        f'; printf "[%s]" "$(pyvmm_param nothing {cmdline})"'
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "[/dev/vdb][]"  # the last one wins, as the kernel does
