@@ -267,3 +267,20 @@ def test_flushed_data_survives_sigkill(driver, tmp_path, cache):
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
     assert open(path, "rb").read() == pattern
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_requests_never_exit_to_the_vcpu_thread(driver, tmp_path, event_idx):
+    """Kicks are ioeventfds and completions irqfds: 20000 requests must not cost 20000 vCPU exits
+    (only the set-up - PCI config space, the console - goes through Python on the vCPU thread)."""
+    m = new_machine(driver, tmp_path, [DiskSpec(image(tmp_path / "d.img", 16 * MiB))])
+    run(m, [D.blk_init(event_idx=event_idx, queues=1), D.report(0)], quiet=True)  # counts the set-up exits
+    setup_exits = m.threads[0].exits
+    m.close()
+    m = new_machine(driver, tmp_path, [DiskSpec(image(tmp_path / "d.img", 16 * MiB))])
+    job = run(m, [D.blk_init(event_idx=event_idx, queues=1),
+                  D.blk_bench(20000, 4096, D.DATA_START, random=True, depth=32), D.report(0)], quiet=True)
+    exits = m.threads[0].exits
+    m.close()
+    assert job.cmds[1].value > 0
+    assert exits - setup_exits < 100, (setup_exits, exits)

@@ -18,6 +18,7 @@ import pytest
 from kernel.e820 import build_e820
 from vmm import kit
 from vmm.memory import layout
+from vmm.pci.layout import DEFAULT_LAYOUT
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,7 +68,8 @@ def test_banner_and_command_line(boots, cpus):
 def test_e820_is_the_map_pyvmm_built(boots, cpus):
     names = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
     expected = [f"BIOS-e820: [mem {e.addr:#018x}-{e.addr + e.size - 1:#018x}] {names[e.type]}"
-                for e in build_e820(layout(MEM))]
+                for e in build_e820(layout(MEM), DEFAULT_LAYOUT.e820_reserved())]
+    assert any("0x00000000e0000000" in line and "reserved" in line for line in expected)  # ECAM
     seen = re.findall(r"BIOS-e820: \[mem 0x[0-9a-f]+-0x[0-9a-f]+\] [A-Za-z ]+?(?=\n)", boots[cpus]["console"])
     assert seen == expected
 
