@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Callable
+from . import byte_writes, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,12 @@ class AcpiSleepDevice:
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
-            value = 0
-            for i in range(size):
-                value |= self._read_byte(offset + i) << (8 * i)
-            return value
+            return read_bytes(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         poweroff = reset = False
         with self._lock:
-            for i in range(size):
-                byte = (value >> (8 * i)) & 0xFF
-                reg = offset + i
+            for reg, byte in byte_writes(offset, size, value):
                 if reg == SLEEP_CONTROL_OFFSET:
                     poweroff |= self._write_sleep_control(byte)
                 elif reg == SLEEP_STATUS_OFFSET:

@@ -79,6 +79,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
+from . import byte_writes, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -296,15 +297,12 @@ class CmosRtc:
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
-            value = 0
-            for i in range(size):
-                value |= self._read_byte(offset + i) << (8 * i)
-            return value
+            return read_bytes(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
-            for i in range(size):
-                self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+            for reg, byte in byte_writes(offset, size, value):
+                self._write_byte(reg, byte)
 
     # ------------------------------------------------------------------
     # For the VMM

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Callable
+from . import byte_writes, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,13 @@ class I8042:
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
-            value = 0
-            for i in range(size):
-                value |= self._read_byte(offset + i) << (8 * i)
-            return value
+            return read_bytes(self._read_byte, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         reset = False
         with self._lock:
-            for i in range(size):
-                reset |= self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+            for reg, byte in byte_writes(offset, size, value):
+                reset |= self._write_byte(reg, byte)
         if reset:
             log.info("i8042: CPU reset requested")
             self._on_reset()

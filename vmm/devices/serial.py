@@ -34,6 +34,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from typing import Callable
+from . import byte_writes, read_bytes
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -183,17 +184,15 @@ class Serial16550:
         as the ISA bus does; bytes beyond the last register read as 0xFF.
         """
         with self._lock:
-            value = 0
-            for i in range(size):
-                value |= self._read_register(offset + i) << (8 * i)
+            value = read_bytes(self._read_register, offset, size)
             self._update_irq()
             return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Write ``size`` bytes starting at register ``offset`` (little-endian)."""
         with self._lock:
-            for i in range(size):
-                self._write_register(offset + i, (value >> (8 * i)) & 0xFF)
+            for reg, byte in byte_writes(offset, size, value):
+                self._write_register(reg, byte)
             self._update_irq()
 
     # ------------------------------------------------------------------
