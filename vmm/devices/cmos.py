@@ -79,6 +79,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
+
 from . import byte_writes, read_bytes
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Callable
+
 from . import byte_writes, read_bytes
 
 log = logging.getLogger(__name__)

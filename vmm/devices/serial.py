@@ -34,6 +34,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from typing import Callable
+
 from . import byte_writes, read_bytes
 
 COM1_PORT = 0x3F8
