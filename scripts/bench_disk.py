@@ -150,6 +150,7 @@ def run_qemu(image: Path, w: Workload, work: Path) -> Result:
     if spec is None or not (ROOT / "scripts" / "qemu_driver.py").exists():
         raise RuntimeError("scripts/qemu_driver.py is not there")
     q = importlib.util.module_from_spec(spec)
+    sys.modules["qemu_driver"] = q  # dataclasses look their module up there
     spec.loader.exec_module(q)
     return q.bench_result(image, w, work, Result)
 
