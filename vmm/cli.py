@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", action="append", default=[], metavar="SPEC", help=(
         "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
         "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
+    run.add_argument("--net", action="append", default=[], metavar="SPEC", help=(
+        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N] (repeatable; the tap is created "
+        "if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name and the tap "
+        "name; queue pairs default to one per vCPU)"))
+    run.add_argument("--name", default="pyvmm", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
@@ -151,10 +156,20 @@ def config_from_args(args, kvm):
         if not os.path.exists(disks[-1].path):
             raise UsageError(f"--disk: {disks[-1].path} does not exist")
 
+    from virtio.net import parse_net_spec
+
+    nets = []
+    for text in args.net:
+        try:
+            nets.append(parse_net_spec(text))
+        except ValueError as e:
+            raise UsageError(f"--net: {e}") from None
+
     cmdline = f"{args.cmdline} {args.append}".strip()
     if args.program:
         return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
-                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot, disks=disks)
+                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot, disks=disks,
+                             nets=nets, name=args.name)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         kernel = str(kit.kit_kernel())
@@ -168,12 +183,13 @@ def config_from_args(args, kvm):
         _readable_file(initrd, "initrd")
     return MachineConfig(mem_size=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd, cmdline=cmdline,
                          entry=args.entry, console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot,
-                         disks=disks)
+                         disks=disks, nets=nets, name=args.name)
 
 
 def cmd_run(args) -> int:
     from kernel.errors import KernelImageError
     from virtio.backends.raw import ImageError
+    from virtio.backends.tap import TapError
     from .console import stdin_fd
     from .hostcheck import EMULATED_WARNING, kernel_mode_native
     from .machine import Machine
@@ -190,7 +206,7 @@ def cmd_run(args) -> int:
     while not stopped:
         try:
             machine = Machine(config, kvm=kvm, console_in=console_in)
-        except (KernelImageError, ImageError) as e:
+        except (KernelImageError, ImageError, TapError) as e:
             raise UsageError(str(e)) from None
         if first:
             if config.kernel_mode_native is False:

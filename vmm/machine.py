@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from kernel import cpuid as cpuid_mod
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
 from virtio.blk import VirtioBlk
+from virtio.net import VirtioNet
 from virtio.pci import VirtioPciDevice
 from .boot import BootPlan, boot_linux, boot_program
 from .bus import Bus
@@ -59,6 +60,8 @@ class MachineConfig:
     on_reboot: str = "exit"            # "exit" or "restart"
     kernel_mode_native: bool | None = None  # None: measure
     disks: list = field(default_factory=list)  # virtio.blk.DiskSpec, one virtio-blk-pci device each
+    nets: list = field(default_factory=list)  # virtio.net.NetSpec, one virtio-net-pci device each
+    name: str = "pyvmm"  # the VM's name: default MAC addresses derive from it
 
 
 class Machine:
@@ -90,10 +93,12 @@ class Machine:
 
         self.irq = IrqRouter(self.vm)
         self.pci = PciHost(pio=self.pio, mmio=self.mmio)
-        self.disks = []
+        self.disks, self.nets = [], []
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
+            for spec in config.nets:
+                self.nets.append(self._add_net(spec))
         except BaseException:
             self._close_devices()
             raise
@@ -122,6 +127,17 @@ class Machine:
     def _add_disk(self, spec):
         """A virtio-blk-pci device for one --disk; queues default to one per vCPU."""
         dev = VirtioBlk.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus))
+        try:
+            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm))
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def _add_net(self, spec):
+        """A virtio-net-pci device on a tap for one --net; queue pairs default to one per vCPU."""
+        dev = VirtioNet.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus),
+                                  vm_id=self.config.name)
         try:
             self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm))
         except BaseException:
@@ -235,7 +251,7 @@ class Machine:
 
     def _close_devices(self) -> None:
         self.pci.close()  # closes each device: I/O threads joined, ioeventfds removed, images unlocked
-        self.disks = []
+        self.disks, self.nets = [], []
         self.irq.close()
 
     def close(self) -> None:

@@ -92,3 +92,37 @@ def test_check_reports_the_host():
     assert "KVM_CAP_IRQFD" in r.stdout and "KVM_CAP_IOEVENTFD" in r.stdout
     assert "guest kernel mode:" in r.stdout
     assert ("native" in r.stdout) or ("EMULATED" in r.stdout)
+
+
+def test_net_spec_errors(tmp_path):
+    one_line_error(pyvmm("run", "--program", "/bin/true", "--net", "tap=x,colour=blue"), "colour")
+    one_line_error(pyvmm("run", "--program", "/bin/true", "--net", "tap=x,mac=zz:00"), "mac")
+
+
+def test_a_tap_that_cannot_be_used_exits_2(tiny):
+    import time
+
+    from tests.support.netns import namespace
+
+    with namespace() as ns:
+        def in_ns(*args, **kw):
+            return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "vmm.cli", *args], cwd=ROOT,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, **kw)
+
+        first = in_ns("run", "--program", tiny("spin"), "--console", "none", "--net", "tap=tap0")
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until the first VM holds tap0
+                if subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "show", "tap0"],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            second = in_ns("run", "--program", tiny("spin"), "--console", "none", "--net", "tap=tap0")
+            out, err = second.communicate(timeout=60)
+            r = subprocess.CompletedProcess(second.args, second.returncode, out, err)
+            one_line_error(r, "tap0")
+        finally:
+            first.terminate()
+            first.communicate(timeout=60)
+        assert first.returncode == 0
