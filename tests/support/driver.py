@@ -41,6 +41,33 @@ Output fields per op (the guest overwrites the command in place):
   Queue i's MSI-X entry is i, vector 0x40 + i; the configuration vector is 0x3f (entry = number
   of queues). With IF=0 the vectors stay pending in the LAPIC IRR: check them at an OP_REPORT
   (KVM_GET_LAPIC on the vCPU thread) or with OP_READ_IRR.
+* NET_INIT: value = features offered, count = features written, sector = MAC (bytes 0-5 in
+  bits 0-47, as in memory) | config status << 48, queue = pairs set up | max_virtqueue_pairs
+  << 16, depth = queue size | mtu << 16 (0 without VIRTIO_NET_F_MTU), length = RX buffer size,
+  buffer = the end of the RX pool, aux = device status. Inputs: queue = pairs (0: 1), depth =
+  queue size (0: the device's maximum, at most 256), value = exact features (0: the usual
+  choice: VERSION_1, MAC, STATUS, MTU if offered, plus what the flags ask for), buffer = RX
+  pool (0: NET_RX_POOL; at or above ARENA_END), length = RX buffer size (0: 2048 with
+  MRG_RXBUF, 65562 with GUEST_TSO4/6, else 1526 or more for a larger MTU), count = RX buffers
+  per queue (0: as many as the ring takes, at most NET_MAX_RX_BUFS). Pair p's buffer s is at
+  pool + (p * buffers + s) * ALIGN_UP(size, 64). With MQ, VQ_PAIRS_SET(pairs) is sent.
+* NET_TX: value = frames completed, count = frame bytes sent (headers not counted), sector =
+  TSC cycles (first submission to last completion), aux = notifications. Frame i is `buffer`
+  (length bytes) itself; with F_NET_TX_SEQ a copy at buffer + ALIGN_UP(length, 64) * (1 + slot)
+  (slot < depth: the host leaves that room) with the big-endian 32-bit first_seq + i at
+  seq_offset (and the 16-bit checksum at csum_fix, if nonzero, updated to match); with
+  F_NET_TX_LIST the count net records at buffer, each with its own header. See net_tx().
+* NET_RX: value = frames, count = frame bytes, sector = TSC cycles (first buffer to last
+  frame), length = bytes of net records written at buffer, aux = buffers consumed. See
+  net_rx(); the records: parse_net_records().
+* NET_BENCH: value = TSC cycles, sector = frames, count = frame bytes, aux = notifications (TX)
+  or buffers consumed (RX).
+* NET_STOP_RX: aux = buffers held (stop) or posted again (resume). NET_CTRL: aux = the ack
+  byte (VIRTIO_NET_OK/ERR, 0xff: not written; the result is OK whatever it is), value = the used
+  length. NET_CONFIG: value = MAC | status << 48 (raw, whatever was negotiated), aux = config
+  generation, length = config length, sector = device status; config copied to `buffer`.
+  NET_STATUS: value = device status, aux = ISR, sector = config generation, count = RX buffers
+  held, length = RX buffers posted. NET_RESET: aux = device status.
 * READ_IRR: value = LAPIC IRR bits for vectors 0x40-0x7f (bit i: vector 0x40+i, i.e. queue i),
   aux = vectors 0x20-0x3f (bit 31: 0x3f, the configuration vector).
 """
@@ -102,6 +129,15 @@ OP_BLK_GARBAGE = 0x18
 OP_BLK_RESET = 0x19
 OP_BLK_STATUS = 0x1A
 OP_BLK_CONFIG = 0x1B
+OP_NET_INIT = 0x20
+OP_NET_TX = 0x21
+OP_NET_RX = 0x22
+OP_NET_STOP_RX = 0x23
+OP_NET_BENCH = 0x24
+OP_NET_CONFIG = 0x25
+OP_NET_CTRL = 0x26
+OP_NET_RESET = 0x27
+OP_NET_STATUS = 0x28
 OP_NAMES = {v: k[3:].lower().replace("_", "-") for k, v in dict(globals()).items() if k.startswith("OP_")}
 
 F_CONTINUE = 0x80000000
@@ -118,6 +154,59 @@ F_MARKS = 0x20
 F_UNMAP = 0x40
 F_SEG_SHIFT_POS = 8
 F_SEG_SHIFT_MASK = 0x3F00
+
+F_NET_CSUM = 0x10
+F_NET_GUEST_CSUM = 0x20
+F_NET_HOST_TSO4 = 0x40
+F_NET_HOST_TSO6 = 0x80
+F_NET_GUEST_TSO4 = 0x100
+F_NET_GUEST_TSO6 = 0x200
+F_NET_MRG_RXBUF = 0x400
+F_NET_CTRL_VQ = 0x800
+F_NET_MQ = 0x1000
+F_NET_RX_SEG_SHIFT_POS = 16
+F_NET_RX_SEG_SHIFT_MASK = 0x3F0000
+F_NET_TX_CSUM = 0x4
+F_NET_TX_SEQ = 0x8
+F_NET_TX_LIST = 0x40
+F_NET_SPLIT_HDR = 0x80
+F_NET_BENCH_RX = 0x4000
+F_NET_GSO_POS = 16
+F_NET_GSO_MASK = 0xFF0000
+F_NET_ECHO = 0x4
+F_NET_TIMEOUT_OK = 0x8
+F_NET_ANY_QUEUE = 0x40
+F_NET_RESUME = 0x1
+
+NET_HDR_SIZE = 12
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_F_RSC_INFO = 4
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+VIRTIO_NET_CTRL_RX = 0
+VIRTIO_NET_CTRL_MAC = 1
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+NET_CTRL_MAX_DATA = 4096
+NET_REC_SIZE = 24
+NET_REC_ALIGN = 8
+NET_RX_POOL = 0x8000000
+NET_MAX_PAIRS = 8
+NET_MAX_DEVS = 4
+NET_MAX_RX_BUFS = 1024
+
+# virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+NET_HDR = struct.Struct("<BBHHHHH")
+# net record head: len, queue, nbufs, used_len, the 12 header bytes
+NET_REC = struct.Struct("<IHHI12s")
+assert NET_HDR.size == NET_HDR_SIZE and NET_REC.size == NET_REC_SIZE
 
 GARBAGE_ADDR_BEYOND_RAM = 1
 GARBAGE_LOOP = 2
@@ -176,6 +265,19 @@ VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_S_LINK_UP = 1
 VS_ACKNOWLEDGE, VS_DRIVER, VS_DRIVER_OK, VS_FEATURES_OK, VS_NEEDS_RESET, VS_FAILED = 1, 2, 4, 8, 0x40, 0x80
 MSI_ADDRESS = 0xFEE00000
 MSI_VECTOR_QUEUE0 = 0x40         # queue i -> MSI-X entry i -> vector 0x40 + i
@@ -261,6 +363,52 @@ class Cmd:
     @property
     def garbage_used_len(self) -> int:
         return self.value >> 32
+
+    # NET_INIT outputs
+    @property
+    def mac(self) -> bytes:
+        return (self.sector & 0xFFFFFFFFFFFF).to_bytes(6, "little")
+
+    @property
+    def link_status(self) -> int:
+        return self.sector >> 48
+
+    @property
+    def pairs(self) -> int:
+        return self.queue & 0xFFFF
+
+    @property
+    def max_pairs(self) -> int:
+        return self.queue >> 16
+
+    @property
+    def queue_size(self) -> int:
+        return self.depth & 0xFFFF
+
+    @property
+    def mtu(self) -> int:
+        return self.depth >> 16
+
+    @property
+    def rx_buf_size(self) -> int:
+        return self.length
+
+    @property
+    def rx_pool_end(self) -> int:
+        return self.buffer
+
+    # NET_TX / NET_RX / NET_BENCH outputs
+    @property
+    def frames(self) -> int:
+        return self.sector if self.op == OP_NET_BENCH else self.value
+
+    @property
+    def cycles(self) -> int:
+        return self.value if self.op == OP_NET_BENCH else self.sector
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.count
 
     def __str__(self) -> str:
         return (f"{self.name} dev {self.dev}: {self.error} (result {self.result:#x}) value {self.value:#x} "
@@ -391,6 +539,266 @@ def blk_status(dev: int = 0, *, cont: bool = False) -> Cmd:
 
 def blk_config(dev: int = 0, *, buffer: int = 0, cont: bool = False) -> Cmd:
     return Cmd(OP_BLK_CONFIG, dev=dev, buffer=buffer, aux=F_CONTINUE if cont else 0)
+
+
+# ---- virtio-net ----------------------------------------------------------------------------
+ALL_OFFLOADS = (F_NET_CSUM | F_NET_GUEST_CSUM | F_NET_HOST_TSO4 | F_NET_HOST_TSO6 | F_NET_GUEST_TSO4
+                | F_NET_GUEST_TSO6)
+
+
+def _shift_bits(size: int | None, pos: int, what: str) -> int:
+    if not size:
+        return 0
+    if size & (size - 1) or not 1 <= size.bit_length() - 1 <= 30:
+        raise ValueError(f"{what} {size} is not a power of 2 up to 2^30")
+    return (size.bit_length() - 1) << pos
+
+
+def net_init(dev: int = 0, *, pairs: int = 1, queue_size: int = 0, csum: bool = False, guest_csum: bool = False,
+             host_tso4: bool = False, host_tso6: bool = False, guest_tso4: bool = False, guest_tso6: bool = False,
+             offloads: bool = False, mrg_rxbuf: bool = False, event_idx: bool = False, indirect: bool = False,
+             ctrl_vq: bool = False, mq: bool = False, msix: bool = True, driver_ok: bool = True,
+             features: int = 0, rx_pool: int = 0, rx_buf_size: int = 0, rx_buffers: int = 0,
+             rx_seg_size: int | None = None, cont: bool = False) -> Cmd:
+    """Negotiate and set up `pairs` queue pairs, RX buffers posted. offloads=True: all six of
+    CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6. mq implies ctrl_vq. rx_seg_size: every RX
+    buffer a chain of descriptors of that size. features: the exact bits to write."""
+    aux = _flags((event_idx, F_INIT_EVENT_IDX), (indirect, F_INIT_INDIRECT), (not msix, F_INIT_NO_MSIX),
+                 (not driver_ok, F_INIT_NO_DRIVER_OK), (csum, F_NET_CSUM), (guest_csum, F_NET_GUEST_CSUM),
+                 (host_tso4, F_NET_HOST_TSO4), (host_tso6, F_NET_HOST_TSO6), (guest_tso4, F_NET_GUEST_TSO4),
+                 (guest_tso6, F_NET_GUEST_TSO6), (offloads, ALL_OFFLOADS), (mrg_rxbuf, F_NET_MRG_RXBUF),
+                 (ctrl_vq or mq, F_NET_CTRL_VQ), (mq, F_NET_MQ), (cont, F_CONTINUE))
+    aux |= _shift_bits(rx_seg_size, F_NET_RX_SEG_SHIFT_POS, "RX segment size")
+    if not 0 <= pairs <= NET_MAX_PAIRS:
+        raise ValueError(f"{pairs} queue pairs; the driver sets up at most {NET_MAX_PAIRS}")
+    return Cmd(OP_NET_INIT, dev=dev, queue=pairs, depth=queue_size, value=features, buffer=rx_pool,
+               length=rx_buf_size, count=rx_buffers, aux=aux)
+
+
+def _u16(value: int, what: str) -> int:
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"{what} {value} does not fit 16 bits")
+    return value
+
+
+def _tx_header_fields(csum, gso, mss, hdr_len) -> tuple[int, int]:
+    """(cmd.sector, aux bits) for the header of NET_TX / NET_BENCH."""
+    start, offset = csum if csum else (0, 0)
+    sector = (_u16(start, "csum_start") | _u16(offset, "csum_offset") << 16 | _u16(mss, "gso_size") << 32
+              | _u16(hdr_len, "hdr_len") << 48)
+    if not 0 <= gso <= 0xFF:
+        raise ValueError(f"gso_type {gso} is not a byte")
+    return sector, (F_NET_TX_CSUM if csum else 0) | gso << F_NET_GSO_POS
+
+
+def net_tx(buffer: int, length: int, count: int = 1, *, dev: int = 0, queue: int = 0, depth: int = 1,
+           csum: tuple[int, int] | None = None, gso: int = 0, mss: int = 0, hdr_len: int = 0,
+           seq_offset: int | None = None, first_seq: int = 0, csum_fix: int = 0, split_hdr: bool = False,
+           seg_size: int | None = None, no_interrupt: bool = False, direct: bool = False,
+           always_kick: bool = False, cont: bool = False) -> Cmd:
+    """Send `count` frames of `length` bytes on pair `queue`, `depth` in flight.
+
+    Each goes with a virtio_net_hdr: csum=(csum_start, csum_offset) sets NEEDS_CSUM; gso =
+    VIRTIO_NET_HDR_GSO_* with mss (gso_size) and hdr_len. Without seq_offset every frame is the
+    bytes at `buffer`; with it, frame i is seq_frame(template, i, ...): a copy with first_seq + i
+    (32 bits, big-endian) at seq_offset, made at buffer + ALIGN_UP(length, 64) * (1 + slot) for
+    slot < depth, so leave (depth + 1) such strides free. csum_fix: the offset of a 16-bit
+    checksum to keep right (RFC 1624; the checksummed region must start at an even offset, a
+    zero UDP checksum stays zero). seg_size: data in descriptors of that size; split_hdr: the
+    header in two descriptors (5 + 7 bytes)."""
+    sector, aux = _tx_header_fields(csum, gso, mss, hdr_len)
+    value = 0
+    if seq_offset is not None:
+        if seq_offset + 4 > length or csum_fix & 1 or (csum_fix and csum_fix + 2 > length):
+            raise ValueError(f"sequence number at {seq_offset} or checksum at {csum_fix} outside the frame")
+        value = _u16(seq_offset, "seq_offset") | _u16(csum_fix, "csum_fix") << 16 | (first_seq & 0xFFFFFFFF) << 32
+        aux |= F_NET_TX_SEQ
+    aux |= _flags((split_hdr, F_NET_SPLIT_HDR)) | _io_flags(no_interrupt, direct, always_kick, seg_size, cont)
+    return Cmd(OP_NET_TX, dev=dev, buffer=buffer, length=length, count=count, queue=queue, depth=depth,
+               sector=sector, value=value, aux=aux)
+
+
+def net_tx_list(buffer: int, count: int, *, area_size: int = 0, dev: int = 0, queue: int = 0, depth: int = 1,
+                split_hdr: bool = False, seg_size: int | None = None, no_interrupt: bool = False,
+                direct: bool = False, always_kick: bool = False, cont: bool = False) -> Cmd:
+    """Send the `count` net records at `buffer` (pack_net_records()), each with its own header.
+    area_size: the records must lie within it (0: unchecked)."""
+    aux = F_NET_TX_LIST | _flags((split_hdr, F_NET_SPLIT_HDR)) | _io_flags(no_interrupt, direct, always_kick,
+                                                                          seg_size, cont)
+    return Cmd(OP_NET_TX, dev=dev, buffer=buffer, length=area_size, count=count, queue=queue, depth=depth,
+               aux=aux)
+
+
+def net_rx(count: int = 0, buffer: int = 0, *, max_bytes: int = 0, area_size: int = 0, dev: int = 0,
+           queue: int = 0, any_queue: bool = False, echo: bool = False, timeout_ms: int = 0,
+           timeout_ok: bool = False, no_interrupt: bool = False, direct: bool = False, always_kick: bool = False,
+           cont: bool = False) -> Cmd:
+    """Receive until `count` frames or `max_bytes` frame bytes (whichever comes first; 0: no
+    such limit) on pair `queue` (any_queue: every pair), appending a net record per frame at
+    `buffer` (0: store nothing) within area_size bytes (0: unchecked; a frame that does not fit
+    ends the command with R_NO_MEM). echo: send every frame back out unchanged (the header's
+    DATA_VALID/RSC_INFO and num_buffers cleared) on the same pair's TX queue, its RX buffers
+    posted again when the TX completes. timeout_ms (0: the job's): no frame for that long ends
+    the command, with R_TIMEOUT unless timeout_ok."""
+    if not (count or max_bytes or timeout_ok):
+        raise ValueError("net_rx needs count, max_bytes or timeout_ok")
+    aux = _flags((echo, F_NET_ECHO), (timeout_ok, F_NET_TIMEOUT_OK), (any_queue, F_NET_ANY_QUEUE)) | _io_flags(
+        no_interrupt, direct, always_kick, None, cont)
+    return Cmd(OP_NET_RX, dev=dev, count=count, length=max_bytes, buffer=buffer, sector=area_size, queue=queue,
+               depth=timeout_ms, aux=aux)
+
+
+def net_stop_rx(dev: int = 0, *, cont: bool = False) -> Cmd:
+    """Consumed RX buffers are held, not posted again, until net_resume_rx()."""
+    return Cmd(OP_NET_STOP_RX, dev=dev, aux=F_CONTINUE if cont else 0)
+
+
+def net_resume_rx(dev: int = 0, *, cont: bool = False) -> Cmd:
+    return Cmd(OP_NET_STOP_RX, dev=dev, aux=F_NET_RESUME | (F_CONTINUE if cont else 0))
+
+
+def net_bench_tx(count: int, length: int, buffer: int, *, dev: int = 0, queue: int = 0, depth: int = 1,
+                 csum: tuple[int, int] | None = None, gso: int = 0, mss: int = 0, hdr_len: int = 0,
+                 marks: bool = False, no_interrupt: bool = False, direct: bool = False, seg_size: int | None = None,
+                 cont: bool = False) -> Cmd:
+    """`count` copies of the frame at `buffer`, `depth` in flight; value = TSC cycles."""
+    sector, aux = _tx_header_fields(csum, gso, mss, hdr_len)
+    aux |= _flags((marks, F_MARKS)) | _io_flags(no_interrupt, direct, False, seg_size, cont)
+    return Cmd(OP_NET_BENCH, dev=dev, buffer=buffer, length=length, count=count, queue=queue, depth=depth,
+               sector=sector, aux=aux)
+
+
+def net_bench_rx(count: int = 0, *, max_bytes: int = 0, dev: int = 0, queue: int = 0, any_queue: bool = False,
+                 marks: bool = False, no_interrupt: bool = False, cont: bool = False) -> Cmd:
+    """Receive `count` frames (or `max_bytes`) storing nothing; value = TSC cycles from the
+    first buffer to the last frame."""
+    if not (count or max_bytes):
+        raise ValueError("net_bench_rx needs count or max_bytes")
+    aux = F_NET_BENCH_RX | _flags((marks, F_MARKS), (any_queue, F_NET_ANY_QUEUE)) | _io_flags(
+        no_interrupt, False, False, None, cont)
+    return Cmd(OP_NET_BENCH, dev=dev, count=count, length=max_bytes, queue=queue, aux=aux)
+
+
+def net_config(dev: int = 0, *, buffer: int = 0, cont: bool = False) -> Cmd:
+    return Cmd(OP_NET_CONFIG, dev=dev, buffer=buffer, aux=F_CONTINUE if cont else 0)
+
+
+def net_ctrl(cls: int, command: int, data: int = 0, length: int = 0, *, dev: int = 0, cont: bool = False) -> Cmd:
+    """One control-queue command; its `length` data bytes at guest address `data`."""
+    if length > NET_CTRL_MAX_DATA:
+        raise ValueError(f"{length} bytes of control data; at most {NET_CTRL_MAX_DATA}")
+    return Cmd(OP_NET_CTRL, dev=dev, value=(cls & 0xFF) | (command & 0xFF) << 8, buffer=data, length=length,
+               aux=F_CONTINUE if cont else 0)
+
+
+def net_reset(dev: int = 0, *, cont: bool = False) -> Cmd:
+    return Cmd(OP_NET_RESET, dev=dev, aux=F_CONTINUE if cont else 0)
+
+
+def net_status(dev: int = 0, *, cont: bool = False) -> Cmd:
+    return Cmd(OP_NET_STATUS, dev=dev, aux=F_CONTINUE if cont else 0)
+
+
+@dataclass
+class NetHdr:
+    """struct virtio_net_hdr (12 bytes with VERSION_1)."""
+
+    flags: int = 0
+    gso_type: int = 0
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+
+    def pack(self) -> bytes:
+        return NET_HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start,
+                            self.csum_offset, self.num_buffers)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview, offset: int = 0) -> "NetHdr":
+        return cls(*NET_HDR.unpack_from(data, offset))
+
+
+@dataclass
+class NetFrame:
+    """One net record: a frame and its header (RX: also where it came in and what it took)."""
+
+    data: bytes
+    hdr: NetHdr
+    queue: int = 0
+    nbufs: int = 0
+    used_len: int = 0
+
+
+def _rec_end(offset: int, length: int) -> int:
+    return (offset + NET_REC_SIZE + length + NET_REC_ALIGN - 1) & ~(NET_REC_ALIGN - 1)
+
+
+def parse_net_records(data: bytes | memoryview, count: int | None = None) -> list[NetFrame]:
+    """The net records in `data` (what NET_RX wrote: read `length` bytes of its output from
+    its buffer), at most `count`. ValueError if a record runs past the end."""
+    frames, off = [], 0
+    while off < len(data) and (count is None or len(frames) < count):
+        if off + NET_REC_SIZE > len(data):
+            raise ValueError(f"a net record head at {off} runs past {len(data)} bytes")
+        length, queue, nbufs, used, hdr = NET_REC.unpack_from(data, off)
+        if off + NET_REC_SIZE + length > len(data):
+            raise ValueError(f"a {length}-byte net record at {off} runs past {len(data)} bytes")
+        frames.append(NetFrame(bytes(data[off + NET_REC_SIZE:off + NET_REC_SIZE + length]), NetHdr.unpack(hdr),
+                               queue, nbufs, used))
+        off = _rec_end(off, length)
+    return frames
+
+
+def read_net_records(mem, buffer: int, rx: Cmd) -> list[NetFrame]:
+    """The records a finished NET_RX command (`rx`, read back) wrote at `buffer`."""
+    return parse_net_records(mem.read(buffer, rx.length)) if rx.length else []
+
+
+def pack_net_records(frames) -> bytes:
+    """Net records for net_tx_list(): frames are NetFrame, (data, NetHdr) or plain bytes (no
+    offload header)."""
+    out = bytearray()
+    for f in frames:
+        if isinstance(f, NetFrame):
+            data, hdr = f.data, f.hdr
+        elif isinstance(f, (bytes, bytearray, memoryview)):
+            data, hdr = bytes(f), NetHdr()
+        else:
+            data, hdr = f
+        out += NET_REC.pack(len(data), 0, 0, 0, hdr.pack()) + bytes(data)
+        out += bytes(_rec_end(0, len(data)) - NET_REC_SIZE - len(data))
+    return bytes(out)
+
+
+def csum16(data: bytes, initial: int = 0) -> int:
+    """The 16-bit ones' complement sum (not inverted) of data, big-endian words."""
+    if len(data) & 1:
+        data = bytes(data) + b"\0"
+    s = initial + sum(struct.unpack(f">{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def seq_frame(template: bytes, i: int, seq_offset: int, *, first_seq: int = 0, csum_fix: int = 0) -> bytes:
+    """Frame i as NET_TX with seq_offset sends it: the template with (first_seq + i) & 0xffffffff
+    big-endian at seq_offset and, with csum_fix, the checksum there updated (RFC 1624 eqn. 3,
+    0 stays 0, a result of 0 is sent as 0xffff)."""
+    f = bytearray(template)
+    a, b = seq_offset & ~1, (seq_offset + 5) & ~1
+    old = bytes(f[a:b])
+    f[seq_offset:seq_offset + 4] = ((first_seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
+    if csum_fix:
+        hc = int.from_bytes(f[csum_fix:csum_fix + 2], "big")
+        if hc:
+            s = (~hc & 0xFFFF) + csum16(bytes(~x & 0xFF for x in old)) + csum16(bytes(f[a:b]))
+            while s >> 16:
+                s = (s & 0xFFFF) + (s >> 16)
+            r = ~s & 0xFFFF or 0xFFFF
+            f[csum_fix:csum_fix + 2] = r.to_bytes(2, "big")
+    return bytes(f)
 
 
 # ---- the job block -------------------------------------------------------------------------

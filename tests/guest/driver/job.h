@@ -11,6 +11,7 @@
  *   0x0400000 - ...        the program itself (text, data, bss), well below 16 MiB
  *   0x1000000 - 0x1ffffff  the guest's arena: virtqueues, request headers, status bytes
  *   buffers named by the commands (the host picks them, e.g. from 0x4000000 up)
+ *   0x8000000 - ...        OP_NET_INIT's RX buffer pool unless the command names another
  */
 #ifndef PYVMM_DRIVER_JOB_H
 #define PYVMM_DRIVER_JOB_H
@@ -55,6 +56,15 @@
 #define OP_BLK_RESET        0x19
 #define OP_BLK_STATUS       0x1A
 #define OP_BLK_CONFIG       0x1B
+#define OP_NET_INIT         0x20    /* negotiate, set up queue pairs, post RX buffers (net.c) */
+#define OP_NET_TX           0x21    /* send count frames */
+#define OP_NET_RX           0x22    /* receive frames into net records (optionally echo them) */
+#define OP_NET_STOP_RX      0x23    /* stop re-posting RX buffers (aux F_NET_RESUME: resume) */
+#define OP_NET_BENCH        0x24    /* TX (or RX with F_NET_BENCH_RX) throughput, TSC cycles */
+#define OP_NET_CONFIG       0x25    /* copy the device config space to buffer */
+#define OP_NET_CTRL         0x26    /* one control-queue command: class, command, data */
+#define OP_NET_RESET        0x27    /* reset the device */
+#define OP_NET_STATUS       0x28    /* device status, ISR, config generation, RX state */
 
 /* cmd.aux input flags. Bit 31 applies to every op. */
 #define F_CONTINUE          0x80000000u /* a failure of this command does not stop the job */
@@ -77,6 +87,67 @@
 #define F_UNMAP             0x40u       /* WRITE_ZEROES: set the unmap flag */
 #define F_SEG_SHIFT_POS     8           /* bits 8-13: data split into 2^n-byte segments (0: one) */
 #define F_SEG_SHIFT_MASK    0x3F00u
+
+/* OP_NET_INIT (cmd.aux): bits 0-3 are the F_INIT_* flags above; the offloads, each on its
+   own flag, are accepted only if offered and with what they depend on (5.1.3.1). MAC, STATUS and
+   MTU are always accepted when offered. */
+#define F_NET_CSUM          0x10u       /* VIRTIO_NET_F_CSUM (device computes TX checksums) */
+#define F_NET_GUEST_CSUM    0x20u       /* VIRTIO_NET_F_GUEST_CSUM (partial RX checksums ok) */
+#define F_NET_HOST_TSO4     0x40u       /* VIRTIO_NET_F_HOST_TSO4 (needs CSUM) */
+#define F_NET_HOST_TSO6     0x80u       /* VIRTIO_NET_F_HOST_TSO6 (needs CSUM) */
+#define F_NET_GUEST_TSO4    0x100u      /* VIRTIO_NET_F_GUEST_TSO4 (needs GUEST_CSUM) */
+#define F_NET_GUEST_TSO6    0x200u      /* VIRTIO_NET_F_GUEST_TSO6 (needs GUEST_CSUM) */
+#define F_NET_MRG_RXBUF     0x400u      /* VIRTIO_NET_F_MRG_RXBUF */
+#define F_NET_CTRL_VQ       0x800u      /* VIRTIO_NET_F_CTRL_VQ: set up the control queue */
+#define F_NET_MQ            0x1000u     /* VIRTIO_NET_F_MQ (needs CTRL_VQ): VQ_PAIRS_SET is sent */
+#define F_NET_RX_SEG_SHIFT_POS  16      /* bits 16-21: each RX buffer a chain of 2^n-byte
+                                           descriptors (0: one descriptor) */
+#define F_NET_RX_SEG_SHIFT_MASK 0x3F0000u
+/* OP_NET_TX / OP_NET_BENCH (cmd.aux): F_NO_INTERRUPT, F_DIRECT, F_ALWAYS_KICK, F_MARKS and the
+   F_SEG_SHIFT_* bits (frame data in 2^n-byte descriptors) as for the blk request ops */
+#define F_NET_TX_CSUM       0x4u        /* hdr.flags = NEEDS_CSUM, csum_start/offset from cmd.sector */
+#define F_NET_TX_SEQ        0x8u        /* frame i = a copy of the template with a sequence number */
+#define F_NET_TX_LIST       0x40u       /* buffer holds net records, each sent with its own header */
+#define F_NET_SPLIT_HDR     0x80u       /* the header in two descriptors (5 + 7 bytes) */
+#define F_NET_BENCH_RX      0x4000u     /* OP_NET_BENCH: receive (else transmit) */
+#define F_NET_GSO_POS       16          /* bits 16-23: hdr.gso_type (VIRTIO_NET_HDR_GSO_*) */
+#define F_NET_GSO_MASK      0xFF0000u
+/* OP_NET_RX (cmd.aux); F_NO_INTERRUPT as above */
+#define F_NET_ECHO          0x4u        /* send every frame back out on the pair's TX queue */
+#define F_NET_TIMEOUT_OK    0x8u        /* a quiet spell ends the command with R_OK, not R_TIMEOUT */
+#define F_NET_ANY_QUEUE     0x40u       /* poll every RX queue (else cmd.queue's) */
+/* OP_NET_STOP_RX (cmd.aux) */
+#define F_NET_RESUME        0x1u        /* post the held buffers again and resume re-posting */
+
+/* virtio_net_hdr (virtio 1.2, 5.1.6), 12 bytes with VERSION_1 */
+#define NET_HDR_SIZE                12
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_F_DATA_VALID 2
+#define VIRTIO_NET_HDR_F_RSC_INFO   4
+#define VIRTIO_NET_HDR_GSO_NONE     0
+#define VIRTIO_NET_HDR_GSO_TCPV4    1
+#define VIRTIO_NET_HDR_GSO_UDP      3
+#define VIRTIO_NET_HDR_GSO_TCPV6    4
+#define VIRTIO_NET_HDR_GSO_UDP_L4   5
+#define VIRTIO_NET_HDR_GSO_ECN      0x80
+/* control queue (5.1.6.5) */
+#define VIRTIO_NET_OK               0
+#define VIRTIO_NET_ERR              1
+#define VIRTIO_NET_CTRL_RX          0
+#define VIRTIO_NET_CTRL_MAC         1
+#define VIRTIO_NET_CTRL_MQ          4
+#define VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 0
+#define NET_CTRL_MAX_DATA           4096    /* OP_NET_CTRL: data bytes at most */
+
+/* Net records: what OP_NET_RX appends to its buffer and what OP_NET_TX with F_NET_TX_LIST
+   sends. Each is a 24-byte head (struct net_rec), `len` frame bytes, then zeros up to the
+   next multiple of 8 (NET_REC_ALIGN). */
+#define NET_REC_SIZE        24
+#define NET_REC_ALIGN       8
+#define NET_RX_POOL         0x8000000UL /* OP_NET_INIT: default RX buffer pool (128 MiB) */
+#define NET_MAX_PAIRS       8
+#define NET_MAX_DEVS        4
+#define NET_MAX_RX_BUFS     1024        /* RX buffers posted per queue at most */
 
 /* OP_BLK_GARBAGE kinds (cmd.aux bits 0-7) */
 #define GARBAGE_ADDR_BEYOND_RAM 1   /* data descriptor at cmd.buffer (default 1 TiB) */
@@ -146,6 +217,17 @@ struct job {
     } cmds[];
 };
 
+struct net_rec {
+    uint32_t len;           /* 0  frame bytes after the head (the virtio header not counted) */
+    uint16_t queue;         /* 4  RX: the queue pair it came in on; TX: ignored */
+    uint16_t nbufs;         /* 6  RX: used entries (buffers) it took; TX: ignored */
+    uint32_t used_len;      /* 8  RX: sum of the used lengths (header included); TX: ignored */
+    uint8_t hdr[NET_HDR_SIZE]; /* 12 the virtio_net_hdr: as the device wrote it (RX), as it
+                                      is sent (TX): flags, gso_type, hdr_len, gso_size,
+                                      csum_start, csum_offset, num_buffers */
+};
+
+_Static_assert(sizeof(struct net_rec) == NET_REC_SIZE, "struct net_rec is 24 bytes");
 _Static_assert(sizeof(struct cmd) == CMD_SIZE, "struct cmd is 64 bytes");
 _Static_assert(sizeof(struct job) == JOB_HEADER_SIZE, "job header is 64 bytes");
 _Static_assert(__builtin_offsetof(struct cmd, result) == 48, "cmd.result at 48");

@@ -3,6 +3,7 @@
 #include "blk.h"
 #include "job.h"
 #include "lib.h"
+#include "net.h"
 
 struct job *const job_block = (struct job *)JOB_ADDR;
 
@@ -26,6 +27,15 @@ static const char *op_name(u32 op)
     case OP_BLK_RESET: return "blk-reset";
     case OP_BLK_STATUS: return "blk-status";
     case OP_BLK_CONFIG: return "blk-config";
+    case OP_NET_INIT: return "net-init";
+    case OP_NET_TX: return "net-tx";
+    case OP_NET_RX: return "net-rx";
+    case OP_NET_STOP_RX: return "net-stop-rx";
+    case OP_NET_BENCH: return "net-bench";
+    case OP_NET_CONFIG: return "net-config";
+    case OP_NET_CTRL: return "net-ctrl";
+    case OP_NET_RESET: return "net-reset";
+    case OP_NET_STATUS: return "net-status";
     }
     return "?";
 }
@@ -82,6 +92,8 @@ static int run_cmd(struct cmd *c, u32 flags, unsigned index)
     }
     if (c->op >= OP_BLK_INIT && c->op <= OP_BLK_CONFIG)
         return blk_op(c, flags, index);
+    if (c->op >= OP_NET_INIT && c->op <= OP_NET_STATUS)
+        return net_op(c, flags, index);
     return R_BAD_OP;
 }
 
