@@ -16,7 +16,6 @@ import time
 import pytest
 
 from kernel.e820 import build_e820
-from vmm import kit
 from vmm.memory import layout
 from vmm.pci.layout import DEFAULT_LAYOUT
 
