@@ -245,7 +245,7 @@ def tun_offload_flags(features: int) -> int:
 
 # -- the command line ------------------------------------------------------------------------
 
-NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N]"
+NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
 
 
 @dataclass(frozen=True)
@@ -255,6 +255,7 @@ class NetSpec:
     tap: str
     mac: bytes | None = None  # None: default_mac(tap, vm_id)
     queues: int | None = None  # queue pairs; None: the machine's choice (1)
+    rom: str | None = None  # expansion ROM image; None: the machine's default, "off": none
 
 
 def format_mac(mac: bytes) -> str:
@@ -286,15 +287,15 @@ def default_mac(tap: str, vm_id: str | int = "") -> bytes:
 
 
 def parse_net_spec(text: str) -> NetSpec:
-    """Parse `tap=NAME[,mac=MAC][,queues=N]`; ValueError says what is wrong."""
+    """Parse `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`; ValueError says what is wrong."""
     values: dict[str, str] = {}
     for option in text.split(","):
         key, eq, value = option.partition("=")
         key = key.strip().lower()
         if not eq or not key:
             raise ValueError(f"net {text!r}: {option!r} is not KEY=VALUE (expected {NET_SPEC_SYNTAX})")
-        if key not in ("tap", "mac", "queues"):
-            raise ValueError(f"net {text!r}: unknown option {key!r} (known: tap, mac, queues)")
+        if key not in ("tap", "mac", "queues", "rom"):
+            raise ValueError(f"net {text!r}: unknown option {key!r} (known: tap, mac, queues, rom)")
         if key in values:
             raise ValueError(f"net {text!r}: option {key!r} given twice")
         values[key] = value.strip()
@@ -318,7 +319,9 @@ def parse_net_spec(text: str) -> NetSpec:
             queues = 0
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
             raise ValueError(f"net {text!r}: queues={values['queues']!r} is not a number from 1 to {MAX_QUEUE_PAIRS}")
-    return NetSpec(tap=values["tap"], mac=mac, queues=queues)
+    if "rom" in values and not values["rom"]:
+        raise ValueError(f"net {text!r}: rom= needs a PATH (or off)")
+    return NetSpec(tap=values["tap"], mac=mac, queues=queues, rom=values.get("rom"))
 
 
 # -- the device ------------------------------------------------------------------------------
@@ -347,12 +350,13 @@ class NetStats:
 class _RxBuffer:
     """A popped RX chain waiting for a frame."""
 
-    __slots__ = ("head", "views", "capacity")
+    __slots__ = ("head", "views", "capacity", "ring_descriptors")
 
     def __init__(self, chain: DescriptorChain):
         self.head = chain.head
         self.views = chain.writable_views()
         self.capacity = chain.writable_len
+        self.ring_descriptors = chain.ring_descriptors
 
 
 @dataclass(eq=False)
@@ -774,6 +778,13 @@ class VirtioNet(VirtioDevice):
             if p.rx_kicks_on:  # enough in hand: the driver need not tell us about more
                 queue.set_notification(False)
                 p.rx_kicks_on = False
+            return True
+        # The ring ran dry first.  Reading now could take a frame too big for what we hold and
+        # drop it: wait for the driver's kick instead (armed above) - unless we hold the whole
+        # descriptor table, so the driver cannot give more (its choice: then the biggest frames
+        # cannot fit, and are counted in rx_truncated).
+        if self._mrg and sum(b.ring_descriptors for b in buffers) < queue.size:
+            return False
         return bool(buffers)
 
     def _receive(self, p: _Pair, queue: Queue) -> bool:

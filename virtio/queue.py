@@ -143,7 +143,7 @@ class DescriptorChain:
     os.pwritev and socket scatter-gather calls.
     """
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "_mem")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "ring_descriptors", "_mem")
 
     def __init__(
         self,
@@ -153,12 +153,16 @@ class DescriptorChain:
         readable_len: int,
         writable_len: int,
         mem: GuestMemory,
+        ring_descriptors: int = 1,
     ):
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
+        # entries of the queue's descriptor table the chain occupies (an indirect table counts 1):
+        # the driver gets them back only when the chain is used
+        self.ring_descriptors = ring_descriptors
         self._mem = mem
 
     def readable_views(self) -> list[memoryview]:
@@ -385,6 +389,7 @@ class Queue:
         table = self._desc_off  # buffer offset of the table being walked
         limit = size  # its number of entries: bounds both `next` and the chain length
         in_indirect = False
+        ring_descriptors = 0
         index = head
         count = 0
         while True:
@@ -415,6 +420,7 @@ class Queue:
                     raise ChainError(head, f"indirect table {addr:#x}+{length:#x} is not in guest RAM") from None
                 limit = length // DESC_SIZE
                 in_indirect = True
+                ring_descriptors = count
                 index = 0
                 count = 0
                 continue
@@ -448,7 +454,9 @@ class Queue:
 
         if readable_len + writable_len > MAX_CHAIN_BYTES:
             raise ChainError(head, "descriptor chain is longer than 2^32 bytes")
-        return DescriptorChain(head, readable, writable, readable_len, writable_len, mem)
+        if not in_indirect:
+            ring_descriptors = count
+        return DescriptorChain(head, readable, writable, readable_len, writable_len, mem, ring_descriptors)
 
     # -- the used ring -------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:

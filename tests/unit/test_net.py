@@ -91,6 +91,9 @@ QUEUE_SIZE = 64
 UNTOUCHED = 0xEE
 MAC = bytes.fromhex("525400123456")
 GSO_FEATURES = (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN)
+# With mergeable buffers and a GUEST_TSO feature, the device reads from the tap only with room for
+# a largest frame (12 + 65550 bytes) in hand: 33 buffers of 2048 bytes.
+LARGEST_2048 = -(-MAX_BUFFER // 2048)
 
 
 def bit(*bits):
@@ -327,9 +330,11 @@ def frame_of(total_len, seed=0):
 def make_dev(mem):
     devices = []
 
-    def make(*, queue_pairs=1, tap=None, io_threads=False, **kwargs):
+    def make(*, queue_pairs=1, tap=None, io_threads=False, queue_size=256, **kwargs):
         tap = tap or FakeTap(queue_pairs)
-        dev = VirtioNet(mem, tap, mac=MAC, queue_pairs=queue_pairs, queue_size=256, io_threads=io_threads, **kwargs)
+        dev = VirtioNet(
+            mem, tap, mac=MAC, queue_pairs=queue_pairs, queue_size=queue_size, io_threads=io_threads, **kwargs
+        )
         devices.append(dev)
         return dev
 
@@ -610,7 +615,10 @@ def test_rx_with_mergeable_buffers(make_dev, mem, length, buf_size):
     assert f == frame
     assert VIRTIO_NET_HDR.unpack(h) == VIRTIO_NET_HDR.unpack(header)[:6] + (chains,)  # num_buffers
     assert drv.interrupts == [0]
-    # the chains not used stay with the device for the next frames
+    # the chains not used stay with the device for the next frames: they go first, before the
+    # ones the driver posts to replace those used (needed after a largest frame of 1526-byte
+    # buffers: the 17 left hold less than the next frame may need, so the device waits for them)
+    drv.post_rx([buf_size] * chains)
     dev.tap.send(hdr() + frame_of(60))
     dev.process_rx(0)
     assert drv.rxq().used_entries() == [(heads[chains], 72)]
@@ -632,6 +640,7 @@ def test_rx_header_split_over_descriptors(make_dev, mem):
     drv = Driver(mem, dev)
     assert drv.negotiate()
     drv.post_rx([3000, 3000], split=[5, 4, 1])  # num_buffers straddles two descriptors
+    drv.post_rx([4096] * 15)  # with them, room for a largest frame (GUEST_TSO): the device reads
     frame = frame_of(4000)
     dev.tap.send(hdr(VIRTIO_NET_HDR_F_DATA_VALID) + frame)
     dev.process_rx(0)
@@ -641,40 +650,49 @@ def test_rx_header_split_over_descriptors(make_dev, mem):
 
 
 def test_rx_batch_one_interrupt(drv, dev):
-    drv.post_rx([2048] * 16)
     frames = [frame_of(100 + i, seed=i) for i in range(8)]
+    drv.post_rx([2048] * (len(frames) + LARGEST_2048))  # room for a largest frame after all of them
     for f in frames:
         dev.tap.send(hdr() + f)
     dev.process_rx(0)
     assert [f for _, f in drv.received()] == frames
     assert drv.interrupts == [0]
     assert dev.stats().rx_frames == 8
+    assert not dev.pair_state(0).rx_waiting  # the batch ended with the tap empty, not the buffers
 
 
 def test_rx_back_pressure(drv, dev):
-    """No buffers: nothing is read from the tap (nothing dropped); the tap fd is not watched until
-    the driver kicks the receiveq; then every frame arrives, in order."""
-    frames = [frame_of(500 + i, seed=i) for i in range(6)]
+    """Too little room for a largest frame (GUEST_TSO: 12 + 65550 bytes): nothing is read from the
+    tap (nothing read can be dropped); the tap fd is not watched until the driver kicks the receiveq
+    with enough posted; then every frame arrives, in order, whole - a 20000-byte one too."""
+    frames = [frame_of(500 + i, seed=i) for i in range(3)] + [frame_of(20000, seed=3)]
+    frames += [frame_of(500 + i, seed=i) for i in range(4, 6)]
     for f in frames:
         dev.tap.send(hdr() + f)
-    dev.process_rx(0)  # the tap is readable
     p = dev.pair_state(0)
-    assert dev.tap.reads == 0 and dev.tap.device_side_pending()
-    assert p.rx_waiting and not p.events & select.EPOLLIN
-    assert drv.rxq().avail_event == 0  # the driver is asked to kick on its next buffer
-    assert dev.stats().rx_no_buffers == 1
-    assert drv.rxq().used_entries() == [] and drv.interrupts == []
 
-    drv.post_rx([1530] * 3)  # room for 3: three arrive, and it waits again
+    def waiting(avail_event):
+        assert dev.tap.reads == 0 and dev.tap.device_side_pending()  # frames still in the tap
+        assert p.rx_waiting and not p.events & select.EPOLLIN  # the tap fd is not watched
+        assert drv.rxq().avail_event == avail_event  # the driver is asked to kick on its next buffer
+        assert dev.stats().rx_no_buffers == 1
+        assert drv.rxq().used_entries() == [] and drv.interrupts == []
+
+    dev.process_rx(0)  # the tap is readable; no buffers
+    waiting(0)
+    drv.post_rx([1530] * 3)  # room for 3 small frames, not for a largest one: still nothing read
     dev.process_rx(0)  # the kick
-    assert [f for _, f in drv.received()] == frames[:3]
-    assert p.rx_waiting and dev.tap.device_side_pending()
-    assert drv.rxq().avail_event == 3
-    drv.post_rx([1530] * 10)
-    dev.process_rx(0)
-    assert [f for _, f in drv.received()] == frames[3:]
-    assert not p.rx_waiting and p.events & select.EPOLLIN  # buffers in hand: watching the tap again
-    assert dev.stats().rx_truncated == 0
+    waiting(3)
+    drv.post_rx([2048] * 50)  # now room for a largest frame, with what comes after it
+    dev.process_rx(0)  # the kick
+    got = drv.received()
+    assert [f for _, f in got] == frames
+    assert [VIRTIO_NET_HDR.unpack(h)[6] for h, _ in got] == [1, 1, 1, -(-20012 // 2048), 1, 1]  # num_buffers
+    assert not dev.tap.device_side_pending()
+    assert not p.rx_waiting and p.events & select.EPOLLIN  # room in hand: watching the tap again
+    assert drv.interrupts == [0]
+    stats = dev.stats()
+    assert (stats.rx_frames, stats.rx_truncated, stats.rx_no_buffers) == (6, 0, 1)
 
 
 def test_rx_notifications_off_while_buffers_are_in_hand(make_dev, mem):
@@ -689,26 +707,117 @@ def test_rx_notifications_off_while_buffers_are_in_hand(make_dev, mem):
 
 
 def test_rx_mergeable_with_few_buffers(make_dev, mem):
-    """Fewer buffers than the largest frame: small frames go on; a frame that does not fit is
-    dropped (counted) and its buffers stay for the next."""
+    """Fewer buffers than a largest frame needs (GUEST_TSO: 12 + 65550 bytes): the device reads
+    nothing, even the frames that would fit, since it cannot tell a frame's size before reading it;
+    it waits for the driver's kick.  With enough posted, every frame arrives whole, in order."""
     dev = make_dev()
     drv = Driver(mem, dev)
     assert drv.negotiate()  # GUEST_TSO: up to 65562 bytes a frame
     drv.post_rx([2048] * 4)
+    frames = [frame_of(100), frame_of(20000, seed=1), frame_of(3000, seed=2)]
+    for f in frames:
+        dev.tap.send(hdr() + f)
+    dev.process_rx(0)
+    p = dev.pair_state(0)
+    assert dev.tap.reads == 0 and dev.tap.device_side_pending()
+    assert p.rx_waiting and not p.events & select.EPOLLIN
+    assert drv.rxq().avail_event == 4  # a kick is requested for the next buffer
+    assert drv.rxq().used_entries() == []
+    drv.post_rx([4096] * 24)  # room for a largest frame after each of them
+    dev.process_rx(0)  # the kick
+    got = drv.received()
+    assert [f for _, f in got] == frames
+    # the 100 bytes in a 2048; the 20000 in the three 2048s left, then 4096s; the 3000 in a 4096
+    assert [VIRTIO_NET_HDR.unpack(h)[6] for h, _ in got] == [1, 3 + -(-(20012 - 3 * 2048) // 4096), 1]
+    assert not dev.tap.device_side_pending()
+    assert not p.rx_waiting and p.events & select.EPOLLIN
+    assert dev.stats().rx_truncated == 0
+    assert dev.stats().rx_frames == 3
+
+
+def test_rx_mergeable_whole_table_held_in_multi_descriptor_chains(make_dev, mem):
+    """Chains of two descriptors each (header apart, no indirect): 4 chains fill an 8-entry table.
+    Holding them all, the device must read (the driver cannot post more), not wait forever."""
+    dev = make_dev(queue_size=8)
+    drv = Driver(mem, dev, size=8)
+    assert drv.negotiate(drop=[VIRTIO_F_INDIRECT_DESC])
+    drv.post_rx([2048] * 4, split=[12])
     dev.tap.send(hdr() + frame_of(100))
-    dev.tap.send(hdr() + frame_of(20000, seed=1))
-    dev.tap.send(hdr() + frame_of(3000, seed=2))
+    dev.process_rx(0)
+    ((_, f),) = drv.received()
+    assert f == frame_of(100)
+    assert dev.stats().rx_truncated == 0
+
+
+def test_rx_mergeable_whole_ring_below_a_largest_frame(make_dev, mem):
+    """A driver whose whole ring holds less than a largest frame (8 x 2048 bytes, GUEST_TSO): the
+    device reads once it holds the whole ring, which can never hold more; small frames arrive, a
+    frame bigger than the whole ring cannot be delivered (counted; its buffers stay held)."""
+    dev = make_dev(queue_size=8)
+    drv = Driver(mem, dev, size=8)
+    assert drv.negotiate()
+    p = dev.pair_state(0)
+    drv.post_rx([2048] * 7)  # not the whole ring yet: waits for more
+    frames = [frame_of(100), frame_of(20000, seed=1), frame_of(3000, seed=2), frame_of(60, seed=3)]
+    for f in frames:
+        dev.tap.send(hdr() + f)
+    dev.process_rx(0)
+    assert dev.tap.reads == 0 and p.rx_waiting and drv.rxq().used_entries() == []
+    drv.post_rx([2048])  # the whole ring: one frame, then it waits for the driver to give it back
     dev.process_rx(0)
     got = drv.received()
-    assert [f for _, f in got] == [frame_of(100), frame_of(3000, seed=2)]
-    assert [VIRTIO_NET_HDR.unpack(h)[6] for h, _ in got] == [1, 2]
-    assert dev.stats().rx_truncated == 1
-    drv.post_rx([4096] * 20)
-    dev.tap.send(hdr() + frame_of(20000, seed=3))
+    assert [f for _, f in got] == frames[:1]
+    assert p.rx_waiting and not p.events & select.EPOLLIN and drv.rxq().avail_event == 8
+    assert dev.stats().rx_truncated == 0
+    drv.post_rx([2048])  # refilled: the 20000 bytes do not fit the whole ring, the next ones do
     dev.process_rx(0)
-    ((h, f),) = drv.received()
-    assert f == frame_of(20000, seed=3)
-    assert VIRTIO_NET_HDR.unpack(h)[6] == 1 + -(-(20012 - 2048) // 4096)  # the 2048 left, then 4096s
+    got = drv.received()
+    assert [f for _, f in got] == frames[2:3]
+    assert [VIRTIO_NET_HDR.unpack(h)[6] for h, _ in got] == [2]
+    assert dev.stats().rx_truncated == 1
+    drv.post_rx([2048] * 2)
+    dev.process_rx(0)
+    assert [f for _, f in drv.received()] == frames[3:]
+    assert not dev.tap.device_side_pending()
+    stats = dev.stats()
+    assert (stats.rx_frames, stats.rx_truncated) == (3, 1)
+
+
+def test_rx_mergeable_gso_burst_with_small_refills(make_dev, mem):
+    """The data-loss bug: 64 KiB GSO frames arriving while the driver refills its ring a little at a
+    time (8 x 2048 bytes).  The device used to read each frame into whatever it held and drop the
+    ones that did not fit; now it waits until it holds room for a largest frame: none is lost."""
+    dev = make_dev()
+    drv = Driver(mem, dev)
+    assert drv.negotiate()
+    header = hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16)
+    frames = [frame_of(65550, seed=i) for i in range(100)]
+    host = dev.tap.host()
+    host.setblocking(False)
+    sent = 0
+    outstanding = 0  # chains posted and not yet given back
+    got = []
+    for _ in range(1000):
+        while sent < len(frames):  # the host sends what the tap queue takes
+            try:
+                host.send(header + frames[sent])
+            except BlockingIOError:
+                break
+            sent += 1
+        if outstanding + 8 <= QUEUE_SIZE:
+            drv.post_rx([2048] * 8)
+            outstanding += 8
+        dev.process_rx(0)  # the kick (and the tap readable)
+        new = drv.received()
+        outstanding -= sum(VIRTIO_NET_HDR.unpack(h)[6] for h, _ in new)
+        got += new
+        if len(got) == len(frames):
+            break
+    assert [f for _, f in got] == frames
+    assert all(VIRTIO_NET_HDR.unpack(h) == VIRTIO_NET_HDR.unpack(header)[:6] + (LARGEST_2048,) for h, _ in got)
+    stats = dev.stats()
+    assert (stats.rx_frames, stats.rx_truncated) == (len(frames), 0)
+    assert stats.rx_no_buffers > 1  # it did wait for room, again and again
 
 
 def test_rx_frame_bigger_than_a_chain_without_mergeable_buffers(make_dev, mem):
@@ -728,7 +837,7 @@ def test_rx_bad_chains_are_returned_empty(drv, dev):
     mq = drv.rxq()
     readable = mq.add_chain([Buf(drv.alloc(100), 100)])  # device-readable in a receiveq
     tiny = mq.add_chain([Buf(drv.alloc(8), 8, write=True)])  # no room for the header
-    (good,) = drv.post_rx([2048])
+    good, *_ = drv.post_rx([2048] * LARGEST_2048)
     dev.tap.send(hdr() + frame_of(60))
     dev.process_rx(0)
     assert mq.used_entries() == [(readable, 0), (tiny, 0), (good, 72)]
@@ -744,7 +853,7 @@ def test_rx_on_a_broken_ring_needs_reset(drv, dev):
 
 
 def test_tap_end_of_file_is_link_down(drv, dev):
-    drv.post_rx([2048] * 4)
+    drv.post_rx([2048] * LARGEST_2048)
     dev.tap.host().close()
     dev.process_rx(0)
     assert not dev.link_up
@@ -812,12 +921,12 @@ def test_ctrl_mq_pairs(make_dev, mem):
     assert drv.run_ctrl(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == VIRTIO_NET_OK
     assert dev.tap.enabled == [True, True, False]
     # a disabled pair reads nothing from its tap queue
-    drv.post_rx([2048] * 4, pair=2)
+    drv.post_rx([2048] * LARGEST_2048, pair=2)  # (enough to read, were it enabled)
     dev.tap.send(hdr() + frame_of(60), index=2)
     dev.process_rx(2)
     assert dev.tap.device_side_pending(2) and drv.rxq(2).used_entries() == []
     # an enabled one does
-    drv.post_rx([2048] * 4, pair=1)
+    drv.post_rx([2048] * LARGEST_2048, pair=1)
     dev.tap.send(hdr() + frame_of(60), index=1)
     dev.process_rx(1)
     assert [f for _, f in drv.received(1)] == [frame_of(60)]
@@ -871,7 +980,7 @@ def test_threads_end_to_end(make_dev, mem):
     time.sleep(0.05)
     assert dev.tap.reads == 0 and drv.rxq().used_idx == 0
     # buffers and a kick: they arrive
-    drv.post_rx([2048] * 32)
+    drv.post_rx([2048] * (len(frames) + 1 + LARGEST_2048))  # still room for a largest frame after 6
     drv.kick(0)
     assert wait_for(lambda: (got.extend(drv.received()), len(got))[1] == 5)
     assert [f for _, f in got] == frames
@@ -918,7 +1027,7 @@ def test_threads_multiqueue(make_dev, mem):
     drv.kick(4)
     assert wait_for(lambda: dev.active_pairs == 2 and dev.pair_state(1).enabled)
     for k in range(2):
-        drv.post_rx([2048] * 8, pair=k)
+        drv.post_rx([2048] * LARGEST_2048, pair=k)
         drv.kick(2 * k)
         data = hdr() + frame_of(100, seed=k)
         drv.send(data, pair=k)
@@ -936,7 +1045,7 @@ def test_reset_stops_the_threads_and_restarts(make_dev, mem):
     dev = make_dev(io_threads=True)
     drv = Driver(mem, dev)
     assert drv.negotiate()
-    drv.post_rx([2048] * 4)
+    drv.post_rx([2048] * LARGEST_2048)
     drv.kick(0)
     dev.set_status(0)
     assert net_threads() == []
@@ -945,7 +1054,7 @@ def test_reset_stops_the_threads_and_restarts(make_dev, mem):
     assert dev.tap.device_side_pending()  # nobody reads after the reset
     drv = Driver(mem, dev)
     assert drv.negotiate()
-    drv.post_rx([2048] * 4)
+    drv.post_rx([2048] * LARGEST_2048)
     drv.kick(0)
     got = []
     assert wait_for(lambda: (got.extend(drv.received()), len(got))[1] == 1)
@@ -1045,7 +1154,7 @@ def test_real_tap_end_to_end(real_dev, netns, mem):
         assert wait_for(lambda: dev.pair_state(0).rx_waiting)
         time.sleep(0.05)
         assert drv.rxq().used_idx == 0
-        drv.post_rx([2048] * 16)
+        drv.post_rx([2048] * (len(frames) + LARGEST_2048))  # room for a largest frame up to the last
         drv.kick(0)
         got = []
         assert wait_for(lambda: (got.extend(drv.received()), len(got))[1] == 5)
