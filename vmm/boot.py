@@ -1,10 +1,12 @@
-"""The two ways pyvmm starts a guest, both in 64-bit mode:
+"""The ways pyvmm starts a guest: two in 64-bit mode, and firmware.
 
 * `boot_linux`: a Linux kernel (bzImage or vmlinux) through the 64-bit boot
   protocol, kernel mode, with ACPI tables describing the machine.
 * `boot_program`: a freestanding x86-64 ELF (our driver guest, test guests) in
   guest user mode (CPL 3, IOPL 3, interrupts off), which runs natively on every
   KVM, including the software KVM of hosts without VT-x/AMD-V.
+* `boot_firmware`: a BIOS image (vmm/firmware.py) from the reset vector, in
+  real mode, with every vCPU in KVM's reset state.
 
 Each returns a `BootPlan`: what the boot vCPU's registers must be, and whether
 the other vCPUs start at once (programs) or wait for INIT/SIPI (Linux).
@@ -33,6 +35,7 @@ class BootPlan:
     states: list[LongModeState]  # one per vCPU that starts running; the rest wait for SIPI
     linux: LinuxBoot | None = None
     user_mode: bool = False
+    firmware: object | None = None  # a vmm.firmware.FirmwareImage: vCPUs keep KVM's reset state
 
 
 def acpi_config(cpus: int, pci=None) -> acpi.AcpiConfig:
@@ -85,3 +88,13 @@ def boot_program(mem, *, program: str, cpus: int, map_size: int) -> BootPlan:
         states.append(long_mode_state(cr3=cr3, gdt=gdt, rip=loaded.entry, rdi=i, rsi=cpus,
                                       rsp=PROGRAM_STACK_TOP - i * PROGRAM_STACK_SIZE, user=True))
     return BootPlan(states=states, user_mode=True)
+
+
+def boot_firmware(mem, image) -> BootPlan:
+    """Start a BIOS: its top copied to RAM ending at 0xFFFFF (the shadow, vmm/firmware.py; the
+    machine maps the whole image below 4 GiB); no register is set, the boot vCPU starts at the reset vector
+    (CS base 0xFFFF0000, IP 0xFFF0) and the others wait for INIT/SIPI."""
+    from vmm.firmware import copy_shadow
+
+    copy_shadow(mem, image)
+    return BootPlan(states=[], firmware=image)

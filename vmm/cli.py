@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="boot a guest", description=(
-        "Boot a Linux kernel (bzImage or vmlinux) with an initrd, or a freestanding program in guest user mode. "
+        "Boot a Linux kernel (bzImage or vmlinux) with an initrd, a freestanding program in guest user mode, "
+        "or (--firmware) a PC BIOS that boots the --disk images or a NIC's option ROM. "
         "With no --kernel, boots the default guest kit (scripts/guestkit.py build). "
         "On the serial console, Ctrl-A x quits."))
     run.add_argument("--kernel", help=f"bzImage or vmlinux ELF (default: {kit.kit_kernel()})")
@@ -62,13 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
         "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
     run.add_argument("--net", action="append", default=[], metavar="SPEC", help=(
-        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N] (repeatable; the tap is created "
-        "if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name and the tap "
-        "name; queue pairs default to one per vCPU)"))
+        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off] (repeatable; the "
+        "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
+        "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
+        "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))
     run.add_argument("--name", default="pyvmm", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
+
+    run.add_argument("--firmware", nargs="?", const="", metavar="PATH", help=(
+        "boot a PC BIOS image from the reset vector instead of a kernel: it boots the --disk images (or a NIC's "
+        "option ROM); PATH defaults to Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin (package seabios)"))
+    run.add_argument("--boot", metavar="ORDER", help=(
+        "with --firmware: the boot order, a comma-separated list of disk, net, diskN, netN (N counts the "
+        "--disk or --net options from 0; disk or net alone: all of them in order); default: disk,net"))
+    run.add_argument("--firmware-log", metavar="PATH", help=(
+        "with --firmware: append the firmware's debug output (SeaBIOS's port 0x402) to PATH; "
+        "with -v and no PATH it goes to stderr"))
 
     sub.add_parser("check", help="what this host's KVM supports, and whether guest kernel mode is native")
     return p
@@ -166,6 +178,11 @@ def config_from_args(args, kvm):
             raise UsageError(f"--net: {e}") from None
 
     cmdline = f"{args.cmdline} {args.append}".strip()
+    if args.firmware is not None:
+        return firmware_config(args, mem=args.mem, cpus=args.cpus, mask=mask, disks=disks, nets=nets)
+    for option in ("boot", "firmware_log"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} needs --firmware")
     if args.program:
         return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
                              console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot, disks=disks,
@@ -186,10 +203,37 @@ def config_from_args(args, kvm):
                          disks=disks, nets=nets, name=args.name)
 
 
+def firmware_config(args, *, mem, cpus, mask, disks, nets):
+    """The MachineConfig of a firmware boot (--firmware [PATH])."""
+    from . import firmware as fw
+    from .machine import MachineConfig
+
+    for option in ("kernel", "initrd", "program"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--firmware boots from disk or network: it cannot be used with --{option}")
+    try:
+        image = fw.load_firmware(args.firmware or None)
+        order = fw.parse_boot_order(args.boot) if args.boot is not None else None
+        fw.boot_slots(order or fw.DEFAULT_BOOT_ORDER, list(range(len(disks))), list(range(len(nets))))
+        for net in nets:
+            if net.rom not in (None, "off"):
+                fw.load_rom(net.rom, "--net rom")
+    except (fw.FirmwareError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if args.firmware_log is not None:
+        parent = os.path.dirname(os.path.abspath(args.firmware_log))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--firmware-log: directory {parent} does not exist")
+    return MachineConfig(mem_size=mem, cpus=cpus, firmware=image.path, boot_order=order,
+                         firmware_log=args.firmware_log, console=args.console, cpuid_mask=mask,
+                         on_reboot=args.on_reboot, disks=disks, nets=nets, name=args.name)
+
+
 def cmd_run(args) -> int:
     from kernel.errors import KernelImageError
     from virtio.backends.raw import ImageError
     from virtio.backends.tap import TapError
+    from .firmware import FirmwareError
     from .console import stdin_fd
     from .hostcheck import EMULATED_WARNING, kernel_mode_native
     from .machine import Machine
@@ -206,7 +250,7 @@ def cmd_run(args) -> int:
     while not stopped:
         try:
             machine = Machine(config, kvm=kvm, console_in=console_in)
-        except (KernelImageError, ImageError, TapError) as e:
+        except (KernelImageError, ImageError, TapError, FirmwareError) as e:
             raise UsageError(str(e)) from None
         if first:
             if config.kernel_mode_native is False:

@@ -20,7 +20,8 @@ from kernel.x86 import BOOT_MSRS, lapic_for_boot
 from virtio.blk import VirtioBlk
 from virtio.net import VirtioNet
 from virtio.pci import VirtioPciDevice
-from .boot import BootPlan, boot_linux, boot_program
+from . import firmware as fw_mod
+from .boot import BootPlan, acpi_config, boot_firmware, boot_linux, boot_program
 from .bus import Bus
 from .console import OutputSink, TerminalInput
 from .devices.cmos import BASE_PORT as CMOS_BASE, PORT_RANGE_SIZE as CMOS_SIZE, CmosRtc
@@ -31,7 +32,9 @@ from .kvm import Kvm
 from .kvm import structs as s
 from .irq import IrqRouter
 from .lifecycle import Lifecycle
+from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
+from .pci.layout import DEFAULT_LAYOUT
 from .memory import MMIO_HOLE_START, GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
 
@@ -62,6 +65,9 @@ class MachineConfig:
     disks: list = field(default_factory=list)  # virtio.blk.DiskSpec, one virtio-blk-pci device each
     nets: list = field(default_factory=list)  # virtio.net.NetSpec, one virtio-net-pci device each
     name: str = "pyvmm"  # the VM's name: default MAC addresses derive from it
+    firmware: str | None = None  # a BIOS image to boot instead of a kernel (vmm/firmware.py)
+    boot_order: tuple | None = None  # firmware boot order (vmm.firmware.BootItem); None: disks, then NICs
+    firmware_log: str | None = None  # where the firmware's debug port (0x402) output goes
 
 
 class Machine:
@@ -69,15 +75,28 @@ class Machine:
         self.config = config
         self.lifecycle = Lifecycle()
         self.kvm = kvm or Kvm()
+        self.firmware = fw_mod.load_firmware(config.firmware) if config.firmware is not None else None
+        self._firmware_mapping = None
+        self._debugcon = self._debugcon_close = None
         self.vm = self.kvm.create_vm()
-        self.vm.set_tss_addr(TSS_ADDR)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        if self.firmware is not None:  # the TSS pages go below the image, wherever it starts
+            self.vm.set_tss_addr(self.firmware.tss_addr)
+            self.vm.set_identity_map_addr(self.firmware.identity_map_addr)
+        else:
+            self.vm.set_tss_addr(TSS_ADDR)
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(s.KVM_PIT_SPEAKER_DUMMY)
 
         self.mem = GuestMemory(config.mem_size)
         for slot, region in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, self.mem.host_address(region))
+        if self.firmware is not None:
+            from .kvm import constants as kc
+
+            self._firmware_mapping = fw_mod.FirmwareMapping(self.firmware)
+            self._firmware_mapping.map(self.vm, len(self.mem.regions),
+                                       readonly=bool(self.kvm.check_extension(kc.KVM_CAP_READONLY_MEM)))
 
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -91,9 +110,16 @@ class Machine:
         self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
                           AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset))
 
+        self.fw_cfg = None
+        if self.firmware is not None:
+            self._add_firmware_devices()
+
         self.irq = IrqRouter(self.vm)
-        self.pci = PciHost(pio=self.pio, mmio=self.mmio)
+        self.pci = PciHost(pio=self.pio, mmio=self.mmio,
+                           layout=fw_mod.FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT,
+                           on_reset=self.lifecycle.reset)
         self.disks, self.nets = [], []
+        self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
@@ -109,7 +135,10 @@ class Machine:
         clear = self._configure_cpuid()
         self.plan = self._boot(extra_cmdline=f" clearcpuid={','.join(clear)}" if clear else "")
         self._configure_vcpus()
-        self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle)
+        # Firmware may need an instruction that an emulating KVM lacks completed for it.
+        fixup = fw_mod.ProtectedModeIret(self.mem) if self.firmware is not None else None
+        self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle,
+                                   on_exit=fixup)
                         for v in self.vcpus]
         self.lifecycle.on_stop(self._kick_all)
 
@@ -128,25 +157,74 @@ class Machine:
         """A virtio-blk-pci device for one --disk; queues default to one per vCPU."""
         dev = VirtioBlk.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus))
         try:
-            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm))
+            # With firmware, devices start as after a reset: decode off, the BIOS places and enables them.
+            self.disk_slots.append(self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm),
+                                                       enable=self.firmware is None))
         except BaseException:
             dev.close()
             raise
         return dev
 
     def _add_net(self, spec):
-        """A virtio-net-pci device on a tap for one --net; queue pairs default to one per vCPU."""
+        """A virtio-net-pci device on a tap for one --net; queue pairs default to one per vCPU.
+        It carries an expansion ROM: rom=PATH, or with firmware boot iPXE's (when installed)."""
+        rom = self._net_rom(spec)
         dev = VirtioNet.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus),
                                   vm_id=self.config.name)
         try:
-            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm))
+            pci_dev = VirtioPciDevice(dev, irq=self.irq, vm=self.vm)
+            if rom is not None:
+                config = pci_dev.config
+                config.add_expansion_rom(patch_rom_ids(rom, config.get(VENDOR_ID, 2), config.get(DEVICE_ID, 2)))
+            self.net_slots.append(self.pci.add_device(pci_dev, enable=self.firmware is None))
         except BaseException:
             dev.close()
             raise
         return dev
 
+    def _net_rom(self, spec) -> bytes | None:
+        rom = getattr(spec, "rom", None)
+        if rom == "off":
+            return None
+        if rom is not None:
+            return fw_mod.load_rom(rom, "--net rom")
+        if self.firmware is not None and os.path.isfile(fw_mod.DEFAULT_NET_ROM):
+            return fw_mod.load_rom(fw_mod.DEFAULT_NET_ROM, "--net rom")
+        return None
+
+    def _add_firmware_devices(self) -> None:
+        """fw_cfg (filled in _boot_firmware, once the PCI slots are known) and the debug console."""
+        from .devices.fw_cfg import BASE_PORT as FW_CFG_BASE, PORT_RANGE_SIZE as FW_CFG_SIZE, FwCfg
+
+        self.fw_cfg = FwCfg(self.mem)
+        self.pio.register(FW_CFG_BASE, FW_CFG_SIZE, self.fw_cfg)
+        sink = fw_mod.debug_sink(self.config.firmware_log)
+        if sink is not None:
+            write, self._debugcon_close = sink
+            self._debugcon = fw_mod.DebugConsole(write)
+            self.pio.register(fw_mod.DEBUGCON_PORT, 1, self._debugcon)
+
+    def _boot_firmware(self) -> BootPlan:
+        c = self.config
+        layout = self.pci.layout
+        e820 = fw_mod.firmware_e820(self.mem.regions, layout.e820_reserved() + self.firmware.e820_reserved())
+        order = c.boot_order if c.boot_order is not None else fw_mod.DEFAULT_BOOT_ORDER
+        try:
+            entries = fw_mod.boot_slots(order, self.disk_slots, self.net_slots)
+        except ValueError as e:
+            raise fw_mod.FirmwareError(str(e)) from None
+        from kernel import acpi
+
+        tables = acpi.build_tables(acpi_config(c.cpus, layout.acpi_config()))
+        fw_mod.setup_fw_cfg(self.fw_cfg, mem=self.mem, cpus=c.cpus, e820=e820, acpi_tables=tables,
+                            bootorder=fw_mod.bootorder_paths(entries) if entries else None,
+                            serial_port=COM1_PORT)
+        return boot_firmware(self.mem, self.firmware)
+
     def _boot(self, extra_cmdline: str = "") -> BootPlan:
         c = self.config
+        if self.firmware is not None:
+            return self._boot_firmware()
         if c.program:
             top = max(r.end for r in self.mem.regions)
             return boot_program(self.mem, program=c.program, cpus=c.cpus, map_size=max(top, 4 << 30))
@@ -178,12 +256,18 @@ class Machine:
             return ()
         held = [cpuid_mod.CpuidEntry(*e) for e in self.vcpus[0].get_cpuid()]
         visible = cpuid_mod.features_still_visible(held, mask)
+        if visible and self.firmware is not None:
+            self.notes.append(f"this KVM keeps {', '.join(visible)} visible despite the CPUID mask; "
+                              f"a kernel started by the firmware needs clearcpuid={','.join(visible)}")
+            return ()
         if visible and not self.config.program:
             self.notes.append(f"this KVM keeps {', '.join(visible)} visible despite the CPUID mask; "
                               f"added clearcpuid={','.join(visible)} to the kernel command line")
         return visible if not self.config.program else ()
 
     def _configure_vcpus(self) -> None:
+        if self.plan.firmware is not None:
+            return  # KVM's reset state: vCPU 0 at the reset vector, the others waiting for INIT/SIPI
         for i, vcpu in enumerate(self.vcpus):
             vcpu.set_msrs(BOOT_MSRS)
             vcpu.set_lapic(lapic_for_boot(vcpu.get_lapic(), enable=self.plan.user_mode))
@@ -259,6 +343,11 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vm.close()
+        if self._firmware_mapping is not None:
+            self._firmware_mapping.close()
+        if self._debugcon is not None:
+            self._debugcon.flush()
+            self._debugcon_close()
         self.mem.close()
         self.lifecycle.close()
         if isinstance(self._console_sink, OutputSink):

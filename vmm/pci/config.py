@@ -14,9 +14,17 @@ Accesses are 1, 2 or 4 bytes at any offset (Linux reads every width); bytes
 past the 256-byte PCI space (the PCI Express extended space, reachable through
 ECAM) read 0, which a driver takes as "no extended capabilities".
 
+An optional expansion ROM (6.2.5.2, 6.3): `add_expansion_rom(image)` makes the
+Expansion ROM Base Address register at 0x30 live.  Its address bits above the
+ROM's size are writable (sizing works as for BARs: write 0xFFFFF800, read back
+the size mask) and so is bit 0, the enable bit; the ROM decodes only while that
+bit and the Command register's Memory Space bit are both set.  The image is
+read through the mapping (`ExpansionRom.read`), never written.
+
 The owner learns about changes through two hooks:
-  * `on_mapping_change()`: a BAR's value or the Command register's I/O or
-    memory decode bit changed; the host bridge moves the BAR regions.
+  * `on_mapping_change()`: a BAR's value, the expansion ROM register or the
+    Command register's I/O or memory decode bit changed; the host bridge moves
+    the BAR and ROM regions.
   * `on_command_change(old, new)`: any change of the Command register (the
     device looks at Interrupt Disable).
 """
@@ -89,6 +97,14 @@ CAP_ID_VENDOR = 0x09
 CAP_ID_PCIE = 0x10
 CAP_ID_MSIX = 0x11
 
+# Expansion ROM Base Address register (6.2.5.2)
+EXPANSION_ROM_ENABLE = 1 << 0
+EXPANSION_ROM_ADDRESS_MASK = 0xFFFF_F800
+MIN_EXPANSION_ROM_SIZE = 2048  # bits 10:1 are reserved: 2 KiB is the smallest ROM
+MAX_EXPANSION_ROM_SIZE = 16 << 20  # PCI 3.0 allows up to 16 MiB
+ROM_SIGNATURE = b"\x55\xaa"
+PCIR_SIGNATURE = b"PCIR"
+
 # Memory BARs are at least a page, so that each can be mapped (and trapped) on its own.
 MIN_MEMORY_BAR_SIZE = 4096
 MIN_IO_BAR_SIZE = 4
@@ -124,6 +140,55 @@ class Bar:
     @property
     def slots(self) -> int:
         return 2 if self.kind is BarKind.MEM64 else 1
+
+
+class ExpansionRom:
+    """An expansion ROM image behind the ROM BAR: `size` (a power of 2, at least 2 KiB,
+    what sizing reports) covers the image; bytes past the image read as 0xFF."""
+
+    def __init__(self, image: bytes, size: int | None = None):
+        image = bytes(image)
+        if not image:
+            raise ValueError("an expansion ROM cannot be empty")
+        need = max(MIN_EXPANSION_ROM_SIZE, 1 << (len(image) - 1).bit_length())
+        if size is None:
+            size = need
+        if size < need or size & (size - 1):
+            raise ValueError(f"expansion ROM size {size:#x} is not a power of 2 holding {len(image)} bytes")
+        if size > MAX_EXPANSION_ROM_SIZE:
+            raise ValueError(f"expansion ROM of {len(image)} bytes is larger than 16 MiB")
+        self.image = image + b"\xff" * (size - len(image))
+        self.size = size
+
+    def read(self, offset: int, size: int) -> int:
+        """The ROM region as a bus device."""
+        if offset < 0 or offset + size > self.size:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(self.image[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass  # a ROM
+
+
+def patch_rom_ids(image: bytes, vendor_id: int, device_id: int) -> bytes:
+    """The first image of a PCI option ROM with its PCI data structure's vendor and device IDs
+    set to the function's, as QEMU's pci_patch_ids does: firmware (SeaBIOS's map_pcirom) runs
+    a ROM only if they match, and one ROM (iPXE's virtio one) serves several IDs.  The byte
+    at offset 6 (iPXE/etherboot's checksum byte) is adjusted so the image still sums to 0.
+    Anything that is not a valid ROM is returned unchanged."""
+    if len(image) < 0x1A or image[:2] != ROM_SIGNATURE:
+        return bytes(image)
+    pcir = int.from_bytes(image[0x18:0x1A], "little")
+    if pcir + 8 > len(image) or image[pcir : pcir + 4] != PCIR_SIGNATURE:
+        return bytes(image)
+    out = bytearray(image)
+    for offset, want in ((pcir + 4, vendor_id), (pcir + 6, device_id)):
+        have = int.from_bytes(out[offset : offset + 2], "little")
+        if have != want:
+            delta = (want & 0xFF) + (want >> 8) - (have & 0xFF) - (have >> 8)
+            out[6] = (out[6] - delta) & 0xFF
+            out[offset : offset + 2] = want.to_bytes(2, "little")
+    return bytes(out)
 
 
 class Capability:
@@ -174,6 +239,7 @@ class PciConfigSpace:
         self._wmask = bytearray(CONFIG_SPACE_SIZE)
         self.bars: dict[int, Bar] = {}
         self.capabilities: list[Capability] = []
+        self.rom: ExpansionRom | None = None
         self._next_cap_offset = HEADER_END
         self.on_mapping_change: Callable[[], None] | None = None
         self.on_command_change: Callable[[int, int], None] | None = None
@@ -217,6 +283,17 @@ class PciConfigSpace:
         if kind is BarKind.MEM64:
             self._set_writable(offset + 4, 4, address_mask >> 32)
         return bar
+
+    def add_expansion_rom(self, image: bytes | ExpansionRom, size: int | None = None) -> ExpansionRom:
+        """Give the function an expansion ROM: the register at 0x30 becomes sizable and
+        programmable; the host bridge maps the image while it is enabled."""
+        if self.rom is not None:
+            raise ValueError("the function already has an expansion ROM")
+        rom = image if isinstance(image, ExpansionRom) else ExpansionRom(image, size)
+        self.rom = rom
+        self.put(EXPANSION_ROM, 4, 0)
+        self._set_writable(EXPANSION_ROM, 4, (~(rom.size - 1) & EXPANSION_ROM_ADDRESS_MASK) | EXPANSION_ROM_ENABLE)
+        return rom
 
     def add_capability(self, cap: Capability) -> int:
         """Append `cap` to the list; return its offset in the space."""
@@ -262,6 +339,7 @@ class PciConfigSpace:
         size = min(size, CONFIG_SPACE_SIZE - offset)
         old_command = self.command
         old_bars = self._data[BAR0 : BAR0 + 4 * BAR_COUNT]
+        old_rom = self._data[EXPANSION_ROM : EXPANSION_ROM + 4]
         new = _le(value, size)
         for i in range(size):
             mask = self._wmask[offset + i]
@@ -272,7 +350,9 @@ class PciConfigSpace:
         if command != old_command and self.on_command_change is not None:
             self.on_command_change(old_command, command)
         decode_changed = (command ^ old_command) & COMMAND_DECODE
-        if (decode_changed or old_bars != self._data[BAR0 : BAR0 + 4 * BAR_COUNT]) and self.on_mapping_change:
+        moved = (old_bars != self._data[BAR0 : BAR0 + 4 * BAR_COUNT]
+                 or old_rom != self._data[EXPANSION_ROM : EXPANSION_ROM + 4])
+        if (decode_changed or moved) and self.on_mapping_change:
             self.on_mapping_change()
         cap = self._capability_at(offset)
         if cap is not None:
@@ -333,6 +413,27 @@ class PciConfigSpace:
             self.put(BAR0 + 4 * index + 4, 4, address >> 32)
         elif address >> 32:
             raise ValueError(f"BAR {index}: a 32-bit BAR cannot hold {address:#x}")
+
+    @property
+    def rom_address(self) -> int:
+        """The address the expansion ROM register holds (enable bit cleared); 0 without a ROM."""
+        return self.get(EXPANSION_ROM, 4) & EXPANSION_ROM_ADDRESS_MASK if self.rom is not None else 0
+
+    @property
+    def rom_enabled(self) -> bool:
+        return self.rom is not None and bool(self.get(EXPANSION_ROM, 4) & EXPANSION_ROM_ENABLE)
+
+    def rom_decoding(self) -> bool:
+        """Whether the ROM answers at its address: enable bit and Memory Space both set."""
+        return self.rom_enabled and self.memory_enabled
+
+    def set_rom_address(self, address: int, *, enable: bool = False) -> None:
+        """Program the expansion ROM register as firmware would; no hooks."""
+        if self.rom is None:
+            raise ValueError("the function has no expansion ROM")
+        if address & (self.rom.size - 1) or address >> 32:
+            raise ValueError(f"expansion ROM: {address:#x} is not a 32-bit address aligned to {self.rom.size:#x}")
+        self.put(EXPANSION_ROM, 4, address | (EXPANSION_ROM_ENABLE if enable else 0))
 
     def set_command(self, value: int) -> None:
         """Set the Command register as firmware would; no hooks."""

@@ -8,7 +8,10 @@ The guest reaches configuration space two ways, both served here:
   * ECAM (PCI Express enhanced configuration access): 4 KiB per function at
     ecam_base + (bus << 20 | device << 15 | function << 12), which the MCFG
     table describes.
-Functions that are not there read all-ones and ignore writes.
+Functions that are not there read all-ones and ignore writes.  Port 0xCF9, a
+byte inside that range, is the PC's Reset Control Register (as on PIIX/ICH
+chipsets): writing it with bit 2 (CPU reset) set resets the machine, through
+`on_reset` when one is given; SeaBIOS reboots that way.
 
 Device 00:00.0 is the host bridge itself.  `add_device` puts a device at the
 next free slot, function 0, gives its BARs addresses from the layout's windows
@@ -16,6 +19,16 @@ next free slot, function 0, gives its BARs addresses from the layout's windows
 region on the MMIO (or port-I/O) bus.  When the guest moves a BAR or switches
 decode, the region moves with it and the device hears of it through
 `bar_mapped(index, address or None)` (virtio-pci moves its ioeventfds there).
+A function's expansion ROM (PciConfigSpace.add_expansion_rom) gets an address in
+the 32-bit window too and is mapped, read-only, while its enable bit and memory
+decode are both on (firmware enables it only while it copies the ROM out).
+
+Firmware (SeaBIOS) uses fw_cfg only on a machine whose device 00:00.0 carries
+the subsystem IDs of QEMU's virtual machines (1AF4:1100, its `qemu_detect`), so
+the host bridge has them.  Its own IDs stay those of QEMU's gpex bridge, which
+SeaBIOS knows as no chipset: it then leaves PAM registers and MMCONFIG alone
+(those are for i440FX/Q35), reaches configuration space through 0xCF8, places
+BARs below 0xFEC00000 and leaves INTERRUPT_LINE at 0xFF (the _PRT routes INTx).
 """
 
 from __future__ import annotations
@@ -44,7 +57,11 @@ HOST_BRIDGE_SLOT = 0
 HOST_BRIDGE_VENDOR_ID = 0x1B36
 HOST_BRIDGE_DEVICE_ID = 0x0008
 CLASS_HOST_BRIDGE = 0x060000
+HOST_BRIDGE_SUBSYSTEM_VENDOR_ID = 0x1AF4  # Red Hat, Inc.
+HOST_BRIDGE_SUBSYSTEM_ID = 0x1100  # "QEMU virtual machine": what SeaBIOS looks for
 
+RESET_CONTROL_OFFSET = 1  # port 0xCF9
+RESET_CONTROL_CPU_RESET = 1 << 2
 CONFIG_ADDRESS_ENABLE = 1 << 31
 CONFIG_ADDRESS_MASK = 0x80FF_FFFC  # enable, bus, device, function, register (dword aligned)
 
@@ -85,7 +102,9 @@ class PciDevice:
 class HostBridge(PciDevice):
     def __init__(self) -> None:
         self.config = PciConfigSpace(vendor_id=HOST_BRIDGE_VENDOR_ID, device_id=HOST_BRIDGE_DEVICE_ID,
-                                     class_code=CLASS_HOST_BRIDGE, interrupt_pin=INTERRUPT_PIN_NONE)
+                                     class_code=CLASS_HOST_BRIDGE, interrupt_pin=INTERRUPT_PIN_NONE,
+                                     subsystem_vendor_id=HOST_BRIDGE_SUBSYSTEM_VENDOR_ID,
+                                     subsystem_id=HOST_BRIDGE_SUBSYSTEM_ID)
 
 
 class BarRegion:
@@ -128,12 +147,14 @@ class PciHost:
         host.close()                                          # unmaps BARs, closes the devices
     """
 
-    def __init__(self, *, pio: Bus, mmio: Bus, layout: PciLayout = DEFAULT_LAYOUT):
+    def __init__(self, *, pio: Bus, mmio: Bus, layout: PciLayout = DEFAULT_LAYOUT, on_reset=None):
         layout.check()
         self.pio, self.mmio, self.layout = pio, mmio, layout
+        self.on_reset = on_reset  # called when the guest writes the reset bit to port 0xCF9
         self.devices: list[PciDevice | None] = [None] * SLOTS
         self._lock = threading.RLock()
         self._mapped: dict[tuple[int, int], int] = {}  # (slot, bar index) -> address on its bus
+        self._rom_mapped: dict[int, int] = {}  # slot -> address of its expansion ROM on the MMIO bus
         self._mmio32 = Window("32-bit MMIO", *layout.mmio32_window)
         self._mmio64 = Window("64-bit MMIO", *layout.mmio64_window)
         self._io = Window("I/O", *layout.io_window)
@@ -195,6 +216,14 @@ class PciHost:
                     w.next = n
                 raise PciError(f"no room for BAR {bar.index} ({bar.size:#x} bytes) in the PCI windows")
             device.config.set_bar_address(bar.index, address)
+        rom = device.config.rom
+        if rom is not None:
+            address = self._mmio32.allocate(rom.size)
+            if address is None:
+                for w, n in zip(windows, saved):
+                    w.next = n
+                raise PciError(f"no room for the expansion ROM ({rom.size:#x} bytes) in the 32-bit MMIO window")
+            device.config.set_rom_address(address)
 
     def device_at(self, bus: int, slot: int, function: int) -> PciDevice | None:
         if bus != 0 or function != 0 or not 0 <= slot < SLOTS:
@@ -241,10 +270,34 @@ class PciHost:
                         want = None
                 if want != have:
                     device.bar_mapped(index, want)
+            self._update_rom_mapping(slot, device)
+
+    def _update_rom_mapping(self, slot: int, device: PciDevice) -> None:
+        config = device.config
+        if config.rom is None:
+            return
+        address = config.rom_address
+        want = address if config.rom_decoding() and address != 0 else None
+        have = self._rom_mapped.get(slot)
+        if want == have:
+            return
+        if have is not None:
+            self.mmio.unregister(have)
+            del self._rom_mapped[slot]
+        if want is not None:
+            try:
+                self.mmio.register(want, config.rom.size, config.rom)
+                self._rom_mapped[slot] = want
+            except BusConflict as e:
+                log.warning("PCI 00:%02x.0 expansion ROM not mapped: %s", slot, e)
 
     def mapped_address(self, slot: int, index: int) -> int | None:
         """Where BAR `index` of the device at `slot` is mapped now, or None."""
         return self._mapped.get((slot, index))
+
+    def rom_mapped_address(self, slot: int) -> int | None:
+        """Where the expansion ROM of the device at `slot` is mapped now, or None."""
+        return self._rom_mapped.get(slot)
 
     def close(self) -> None:
         """Unmap every BAR (devices drop their ioeventfds), close the devices, unregister."""
@@ -261,6 +314,8 @@ class PciHost:
                         (self.pio if bar.is_io else self.mmio).unregister(address)
                         del self._mapped[(s, index)]
                         device.bar_mapped(index, None)
+                if slot in self._rom_mapped:
+                    self.mmio.unregister(self._rom_mapped.pop(slot))
                 device.close()
             self.devices = [None] * SLOTS
             self.pio.unregister(PCI_CONFIG_PORT)
@@ -300,7 +355,10 @@ class ConfigPorts:
             target = self._target(offset - 4, size)
             if target is not None:
                 self.host.config_write(*target, size, value)
-        # Byte and word accesses to 0xCF8-0xCFB are not configuration cycles: ignored.
+        elif offset == RESET_CONTROL_OFFSET and size == 1:
+            if value & RESET_CONTROL_CPU_RESET and self.host.on_reset is not None:
+                self.host.on_reset()
+        # Other byte and word accesses to 0xCF8-0xCFB are not configuration cycles: ignored.
 
 
 class Ecam:
