@@ -68,7 +68,8 @@ runs under its lock (the control queue changes other pairs' state).
 the queues.  `io_threads=False` leaves the threads out, for tests that call
 process_rx / process_tx / process_ctrl themselves.
 
-The command line describes a NIC as `tap=NAME[,mac=MAC][,queues=N]`:
+The command line describes a NIC as `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`
+(rom: the PCI expansion ROM the machine puts behind the function's ROM BAR):
 `parse_net_spec()` reads that, `VirtioNet.from_spec()` opens the tap and builds
 the device.  Without mac=, `default_mac(tap, vm_id)` derives a stable, locally
 administered 52:54:00:xx:xx:xx address from the tap name and an identifier of
