@@ -309,16 +309,23 @@ def firmware_e820(regions, reserved) -> list:
     return qemu_style_e820(regions, reserved)
 
 
+RESERVED_MEMORY_END_FILE = "etc/reserved-memory-end"
+
+
 def setup_fw_cfg(fw, *, mem, cpus: int, e820, acpi_tables, bootorder: list[str] | None,
-                 serial_port: int | None = None) -> None:
+                 serial_port: int | None = None, mmio64_start: int | None = None) -> None:
     """Fill fw_cfg with what the firmware reads (kernel.fw_cfg_tables.platform_items);
-    `serial_port`: where SeaBIOS also writes its screen output (etc/sercon-port)."""
+    `serial_port`: where SeaBIOS also writes its screen output (etc/sercon-port);
+    `mmio64_start`: where SeaBIOS may put 64-bit BARs that do not fit below 4 GiB
+    (etc/reserved-memory-end, as QEMU gives it): the start of the DSDT's 64-bit window."""
     from kernel.fw_cfg_tables import platform_items
 
     low = mem.regions[0].size
     high = sum(r.size for r in mem.regions[1:])
     platform_items(fw, ram_below_4g=low, ram_above_4g=high, cpus=cpus, e820=e820,
                    acpi_tables=acpi_tables, bootorder=bootorder, sercon_port=serial_port)
+    if mmio64_start is not None:
+        fw.add_file(RESERVED_MEMORY_END_FILE, mmio64_start.to_bytes(8, "little"))
 
 
 # -- what an emulating KVM cannot run ------------------------------------------------------------

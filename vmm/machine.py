@@ -218,7 +218,7 @@ class Machine:
         tables = acpi.build_tables(acpi_config(c.cpus, layout.acpi_config()))
         fw_mod.setup_fw_cfg(self.fw_cfg, mem=self.mem, cpus=c.cpus, e820=e820, acpi_tables=tables,
                             bootorder=fw_mod.bootorder_paths(entries) if entries else None,
-                            serial_port=COM1_PORT)
+                            serial_port=COM1_PORT, mmio64_start=layout.mmio64_window[0])
         return boot_firmware(self.mem, self.firmware)
 
     def _boot(self, extra_cmdline: str = "") -> BootPlan:

@@ -257,8 +257,8 @@ class _FakeVcpu:
 
 
 def _pm_state(mem, *, ss_base: int, esp: int):
-    """32-bit protected mode at CPL 0: GDT at 0x1000 with code 0x08 and data 0x10, both based at
-    ss_base; an IRET at 0x3000 (code offset 0x3000 - ss_base... kept simple: base-relative)."""
+    """32-bit protected mode at CPL 0: a GDT at 0x1000 with code 0x08 and data 0x10, both with base
+    `ss_base`; CS:EIP = 0x08:0x3000, where an IRET is; SS:ESP = 0x10:`esp`."""
     from vmm.kvm import structs as s
 
     def descriptor(base, access):
