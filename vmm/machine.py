@@ -12,7 +12,6 @@ import logging
 import os
 import select
 import signal
-import threading
 from dataclasses import dataclass, field
 
 from kernel import cpuid as cpuid_mod
@@ -35,7 +34,7 @@ from .lifecycle import Lifecycle
 from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
-from .memory import MMIO_HOLE_START, GuestMemory
+from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ COM1_PORT, COM1_IRQ = 0x3F8, 4
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 noapictimer"
 
 
 @dataclass
@@ -131,7 +129,6 @@ class Machine:
 
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         self.notes: list[str] = []  # things the user should know, printed once by the CLI
-        self.plan = None
         clear = self._configure_cpuid()
         self.plan = self._boot(extra_cmdline=f" clearcpuid={','.join(clear)}" if clear else "")
         self._configure_vcpus()
