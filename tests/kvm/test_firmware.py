@@ -467,7 +467,7 @@ IPXE_STEPS = [
     ("DHCP started", r"Configuring \(net0"),
     ("DHCP and IPv6 router discovery done", r"Configuring \(net0[^\n]*ok"),
     ("DHCP address", r"net0: \d+\.\d+\.\d+\.\d+/"),
-    ("HTTP download done", r"pxe\.bin\.\.\. ok"),
+    ("TFTP download done", r"tftp://[^ ]*/boot\.bin\.\.\. ok"),
     ("PXE NBP started (our boot sector)", r"PYVMM-BOOT N"),
 ]
 
@@ -505,80 +505,131 @@ while True:
 """
 
 
-def _serve_pxe(ns: str, workdir, nbp: bytes):
-    """busybox udhcpd + httpd in the namespace, on tap0 (which pyvmm creates): returns the
-    processes started (the caller ends them)."""
-    www = workdir / "www"
-    www.mkdir()
-    (www / "pxe.bin").write_bytes(nbp)
-    conf = workdir / "udhcpd.conf"
-    conf.write_text(f"start {NET}.10\nend {NET}.20\ninterface tap0\nmax_leases 10\n"
-                    f"pidfile {workdir}/udhcpd.pid\nlease_file {workdir}/leases\n"
-                    f"opt subnet 255.255.255.0\nopt lease 600\nsiaddr {HOST_IP}\n"
-                    f"boot_file http://{HOST_IP}:8080/pxe.bin\nopt bootfile http://{HOST_IP}:8080/pxe.bin\n")
-    (workdir / "leases").write_bytes(b"")
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ip", "-n", ns, "link", "show", "tap0"], capture_output=True).returncode != 0:
-        if time.monotonic() > deadline:
-            return []
-        time.sleep(0.1)
-    subprocess.run(["ip", "-n", ns, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"], check=True)
-    subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"], check=True)
-    procs = []
-    for cmd in (["busybox", "udhcpd", "-f", "-a", "100", str(conf)],
-                ["busybox", "httpd", "-f", "-p", f"{HOST_IP}:8080", "-h", str(www)],
-                [sys.executable, "-c", RA_RESPONDER, "tap0"]):
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL))
-    return procs
+class PxeServers:
+    """dnsmasq (DHCP + TFTP, DNS off) and the router-advertisement responder in the namespace, on
+    tap0 once pyvmm has created it.  Started from a thread (tap0 appears only after pyvmm starts);
+    `close()` stops whatever was started, also when the test fails half way."""
 
+    def __init__(self, ns: str, workdir, nbp: bytes, t0: float):
+        self.ns, self.workdir, self.t0 = ns, workdir, t0
+        self.tftp = workdir / "tftp"
+        self.tftp.mkdir()
+        (self.tftp / "boot.bin").write_bytes(nbp)
+        self.log: list[tuple[float, str]] = []  # (seconds since t0, dnsmasq's line)
+        self.error: str | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._readers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._start, daemon=True)
 
-def _busybox_servers() -> bool:
-    if not shutil.which("busybox"):
-        return False
-    applets = subprocess.run(["busybox", "--list"], capture_output=True, text=True).stdout.split()
-    return "udhcpd" in applets and "httpd" in applets
+    def dnsmasq_cmd(self) -> list[str]:
+        w = self.workdir
+        return ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--user=root", "--port=0",
+                "--interface=tap0", "--bind-interfaces", f"--listen-address={HOST_IP}",
+                f"--dhcp-range={NET}.10,{NET}.20,255.255.255.0,1h", "--dhcp-authoritative",
+                f"--dhcp-leasefile={w}/dnsmasq.leases", f"--pid-file={w}/dnsmasq.pid",
+                "--enable-tftp", f"--tftp-root={self.tftp}", "--dhcp-boot=boot.bin", "--log-facility=-"]
+
+    def start(self):
+        self._thread.start()
+
+    def _start(self):
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ip", "-n", self.ns, "link", "show", "tap0"], capture_output=True).returncode:
+            if self._stop.is_set() or time.monotonic() > deadline:
+                self.error = "tap0 never appeared in the namespace"
+                return
+            time.sleep(0.05)
+        for cmd in (["ip", "-n", self.ns, "addr", "add", f"{HOST_IP}/24", "dev", "tap0"],
+                    ["ip", "-n", self.ns, "link", "set", "tap0", "up"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                self.error = f"{' '.join(cmd)}: {r.stderr.strip()}"
+                return
+        for cmd, logged in ((self.dnsmasq_cmd(), True), ([sys.executable, "-c", RA_RESPONDER, "tap0"], False)):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                p = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if logged else subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT if logged else subprocess.DEVNULL,
+                                     start_new_session=True)
+                self._procs.append(p)
+            if logged:
+                reader = threading.Thread(target=self._read, args=(p,), daemon=True)
+                reader.start()
+                self._readers.append(reader)
+
+    def _read(self, p: subprocess.Popen):
+        for raw in p.stdout:
+            self.log.append((time.monotonic() - self.t0, raw.decode(errors="replace").rstrip()))
+
+    def first(self, pattern: str) -> tuple[float, str] | None:
+        rx = re.compile(pattern)
+        return next(((t, line) for t, line in list(self.log) if rx.search(line)), None)
+
+    def text(self) -> str:
+        return "\n".join(f"{t:7.2f} {line}" for t, line in self.log) or "(dnsmasq logged nothing)"
+
+    def close(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=35)
+        with self._lock:
+            procs = list(self._procs)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for p in procs:
+            if p.stdout:
+                p.stdout.close()
 
 
 @needs_seabios
 @pytest.mark.skipif(not os.path.exists(fw.DEFAULT_NET_ROM), reason=f"no {fw.DEFAULT_NET_ROM} (package ipxe-qemu)")
 def test_ipxe_from_the_virtio_net_rom(boot_sector, tmp_path):
     """SeaBIOS finds iPXE behind virtio-net's ROM BAR and runs it; iPXE's virtio-net driver
-    opens our device; with busybox's udhcpd and httpd in the namespace it gets an address,
-    downloads our boot sector over HTTP and runs it as a PXE NBP, which powers off."""
+    opens our device; dnsmasq in the namespace gives it an address over DHCP and our boot sector
+    over TFTP, which iPXE runs as a PXE NBP: it prints its marker and powers off.  Without dnsmasq
+    (package dnsmasq-base) the test checks only up to iPXE starting DHCP."""
     from tests.support.netns import namespace
 
-    serve = _busybox_servers()
+    serve = shutil.which("dnsmasq") is not None
     nbp = boot_sector("N")
     with namespace() as ns:
-        procs: list = []
-        server = threading.Thread(target=lambda: procs.extend(_serve_pxe(ns, tmp_path, nbp)), daemon=True)
+        servers = PxeServers(ns, tmp_path, nbp, time.monotonic())  # dnsmasq's times: from about pyvmm's start
         if serve:
-            server.start()
+            servers.start()
         else:
             def link_up():
                 deadline = time.monotonic() + 30
                 while subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"],
                                      capture_output=True).returncode != 0 and time.monotonic() < deadline:
                     time.sleep(0.1)
-            server = threading.Thread(target=link_up, daemon=True)
-            server.start()
+            threading.Thread(target=link_up, daemon=True).start()
         try:
             run = run_pyvmm(["-v", "run", "--firmware", "--net", "tap=tap0", "--boot", "net", "--console", "stdio"],
                             netns=ns, timeout=100, stop_at=None if serve else r"Configuring \(net0")
         finally:
-            server.join(timeout=5)
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            servers.close()
+    lease, sent = servers.first(r"DHCPACK\(tap0\)"), servers.first(r"sent \S*boot\.bin to ")
     steps = [(name, run.time_of(rx)) for name, rx in IPXE_STEPS]
-    report(f"iPXE on virtio-net ({'DHCP + HTTP from busybox' if serve else 'no DHCP server'}; "
-           f"seconds from pyvmm start):", steps + [("pyvmm exited", run.wall)])
+    extra = [("dnsmasq: DHCPACK (lease handed out)", lease and lease[0]),
+             ("dnsmasq: TFTP sent boot.bin", sent and sent[0])] if serve else []
+    report(f"iPXE on virtio-net ({'DHCP + TFTP from dnsmasq' if serve else 'no dnsmasq, so no DHCP server'}; "
+           f"seconds from pyvmm start):", sorted(steps + extra, key=lambda s: (s[1] is None, s[1] or 0))
+           + [("pyvmm exited", run.wall)])
+    if serve:
+        print(f"dnsmasq's log (seconds from pyvmm start):\n{servers.text()}")
     out = run.text()
     reached = dict(steps)
     for name in ("SeaBIOS runs the NIC's option ROM", "iPXE ROM banner (PCI 00:0N.0, PnP, PMM)",
@@ -586,10 +637,18 @@ def test_ipxe_from_the_virtio_net_rom(boot_sector, tmp_path):
                  "virtio-net driver opened our device", "link up", "DHCP started"):
         assert reached[name] is not None, f"iPXE did not get to: {name}\n{out}"
     if serve:
-        assert reached["DHCP address"] is not None, out
-        assert run.first(rf"net0: {NET}\.\d+/255\.255\.255\.0"), out
-        assert reached["PXE NBP started (our boot sector)"] is not None, out
-        assert run.rc == 0, out  # the NBP powered off
+        where = f"\n--- pyvmm ---\n{out}\n--- dnsmasq ---\n{servers.text()}"
+        assert servers.error is None, servers.error + where
+        assert lease is not None, f"dnsmasq handed out no lease{where}"
+        got = re.search(rf"DHCPACK\(tap0\) ({NET}\.\d+) ([0-9a-f:]{{17}})", lease[1])
+        assert got, lease[1] + where
+        assert run.first(rf"net0: {re.escape(got.group(1))}/255\.255\.255\.0"), where  # the address iPXE took
+        assert run.first(rf"net0: {got.group(2)} using virtio-net"), where  # ... for our NIC's MAC
+        assert sent is not None and sent[1].rstrip().endswith(f"to {got.group(1)}"), \
+            f"dnsmasq sent no boot.bin over TFTP to {got.group(1)}{where}"
+        assert reached["TFTP download done"] is not None, where
+        assert reached["PXE NBP started (our boot sector)"] is not None, where
+        assert run.rc == 0, where  # the NBP powered off
 
 
 # -- the command line -------------------------------------------------------------------------
