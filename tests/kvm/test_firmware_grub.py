@@ -34,20 +34,15 @@ Two tests, one of which skips on any host, saying why:
 from __future__ import annotations
 
 import os
-import re
-import select
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.support import grubimage
+from tests.support.consolerun import report, run_pyvmm
 from vmm import firmware as fw
 from vmm import hostcheck, kit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EMULATED_BOUND_S = 240  # the emulated-host test's wall-clock bound (~120 s here; room for a busy host)
 NATIVE_BOUND_S = 300  # the whole boot on hardware virtualization (GRUB reads ~50 MB through int 13h)
@@ -68,72 +63,6 @@ def _native() -> bool:
 def _need_kit():
     if not (kit.kit_kernel().is_file() and kit.kit_initrd().is_file()):
         pytest.skip(f"no guest kit in {kit.kit_dir()} (python3 scripts/guestkit.py build)")
-
-
-def _clean(raw: bytes) -> str:
-    text = raw.decode("latin-1").replace("\r", "")
-    # SeaBIOS's and GRUB's terminal escapes (colours, clear screen, cursor moves)
-    return re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|c)", "", text)
-
-
-class Run:
-    def __init__(self):
-        self.lines: list[tuple[float, str]] = []
-        self.rc: int | None = None
-        self.wall = 0.0
-
-    def time_of(self, pattern: str) -> float | None:
-        rx = re.compile(pattern)
-        return next((t for t, line in self.lines if rx.search(line)), None)
-
-    def text(self) -> str:
-        return "\n".join(f"{t:7.2f} {line}" for t, line in self.lines)
-
-
-def run_pyvmm(args: list[str], *, timeout: float, stop_at: str | None = None) -> Run:
-    """`python3 -m vmm.cli ARGS`, its output collected line by line with the time since start;
-    killed after `timeout` s or once a line matches `stop_at`."""
-    run, start, buf = Run(), time.monotonic(), b""
-    stop = re.compile(stop_at) if stop_at else None
-    p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while (left := timeout - (time.monotonic() - start)) > 0:
-            ready, _, _ = select.select([p.stdout], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(p.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            *complete, buf = buf.split(b"\n")
-            now = time.monotonic() - start
-            lines = [_clean(raw) for raw in complete]
-            run.lines.extend((now, line) for line in lines)
-            if stop and any(stop.search(line) for line in lines):
-                break
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        else:
-            buf += p.stdout.read() or b""
-        if buf:
-            run.lines.append((time.monotonic() - start, _clean(buf)))
-        p.stdout.close()
-    run.rc = p.returncode
-    run.wall = time.monotonic() - start
-    return run
-
-
-def report(title: str, steps: list[tuple[str, float | None]]) -> None:
-    print(f"\n{title}")
-    for name, t in steps:
-        print(f"  {'-' if t is None else f'{t:6.2f}'} s  {name}")
 
 
 GRUB_STEPS = [
@@ -160,16 +89,16 @@ def test_grub_boots_the_kit_to_its_marker(tmp_path):
                     timeout=NATIVE_BOUND_S)
     out = run.text()
     for _, pattern in GRUB_STEPS:
-        assert run.time_of(pattern) is not None, f"no {pattern!r} on the console:\n{out}"
-    assert run.time_of(r"Linux version 6\.1"), out
-    assert run.time_of(r"PYVMM-READY"), out
-    assert run.time_of(rf"{token}-42"), out
-    assert run.time_of(r"PYVMM-EXIT=0\b"), out
+        assert run.line_time(pattern) is not None, f"no {pattern!r} on the console:\n{out}"
+    assert run.line_time(r"Linux version 6\.1"), out
+    assert run.line_time(r"PYVMM-READY"), out
+    assert run.line_time(rf"{token}-42"), out
+    assert run.line_time(r"PYVMM-EXIT=0\b"), out
     assert run.rc == 0, f"pyvmm exited {run.rc} after {run.wall:.1f} s (power-off expected):\n{out}"
     report("SeaBIOS -> GRUB -> kit kernel (1 vCPU, 1 GiB; seconds from pyvmm start):",
-           [(name, run.time_of(p)) for name, p in GRUB_STEPS]
-           + [("kernel banner", run.time_of(r"Linux version")), ("PYVMM-READY", run.time_of(r"PYVMM-READY")),
-              ("PYVMM-EXIT=0", run.time_of(r"PYVMM-EXIT=")), ("pyvmm exited (power-off)", run.wall)])
+           [(name, run.line_time(p)) for name, p in GRUB_STEPS]
+           + [("kernel banner", run.line_time(r"Linux version")), ("PYVMM-READY", run.line_time(r"PYVMM-READY")),
+              ("PYVMM-EXIT=0", run.line_time(r"PYVMM-EXIT=")), ("pyvmm exited (power-off)", run.wall)])
 
 
 def test_grub_loads_the_kernel_under_emulated_kernel_mode(tmp_path):
@@ -192,9 +121,9 @@ def test_grub_loads_the_kernel_under_emulated_kernel_mode(tmp_path):
                     timeout=EMULATED_BOUND_S, stop_at=last)
     out = run.text()
     report(f"SeaBIOS -> GRUB under emulated kernel mode (1 vCPU, 1 GiB; seconds from pyvmm start, "
-           f"bound {EMULATED_BOUND_S} s):", [(name, run.time_of(p)) for name, p in GRUB_STEPS])
+           f"bound {EMULATED_BOUND_S} s):", [(name, run.line_time(p)) for name, p in GRUB_STEPS])
     for name, pattern in GRUB_STEPS[:7]:
-        assert run.time_of(pattern) is not None, f"{name}: no {pattern!r} within {EMULATED_BOUND_S} s:\n{out}"
-    times = [run.time_of(p) for _, p in GRUB_STEPS[:7]]
+        assert run.line_time(pattern) is not None, f"{name}: no {pattern!r} within {EMULATED_BOUND_S} s:\n{out}"
+    times = [run.line_time(p) for _, p in GRUB_STEPS[:7]]
     assert times == sorted(times), out
     assert "error:" not in out.lower(), out  # GRUB reports a failed read or a missing file as "error: ..."
