@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,6 +435,53 @@ def job_for(counts: dict[str, int]) -> tuple[list[D.Cmd], dict[int, bytes], list
     return cmds, load, phases
 
 
+def profile_io_thread(dev, profile: str) -> Callable[[], str]:
+    """Profile the device's I/O thread handlers (a slower run); returns what prints the report:
+    wake-ups per handler, frames per wake-up, and the functions by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    import time as _t
+
+    prof = cProfile.Profile() if profile == "cprofile" else None
+    calls: dict[str, int] = {}
+    spent = {"wall": 0.0, "cpu": 0.0}
+
+    def wrap(name):
+        inner = getattr(dev, name)
+
+        def handler(*a):
+            calls[name] = calls.get(name, 0) + 1
+            if prof is not None:
+                prof.enable()
+            w, c = _t.perf_counter(), _t.thread_time()
+            try:
+                inner(*a)
+            finally:
+                spent["wall"] += _t.perf_counter() - w
+                spent["cpu"] += _t.thread_time() - c
+                if prof is not None:
+                    prof.disable()
+        setattr(dev, name, handler)     # activate() (at the driver's DRIVER_OK) binds these
+
+    for name in ("process_tx", "process_rx"):
+        wrap(name)
+
+    def report() -> str:
+        st = dev.stats()
+        out = io.StringIO()
+        frames = max(1, st.tx_frames + st.rx_frames)
+        out.write(f"I/O thread: {calls}; tx {st.tx_frames} frames ({st.tx_frames / max(1, calls.get('process_tx', 0)):.1f}"
+                  f" per process_tx), rx {st.rx_frames} frames ({st.rx_frames / max(1, calls.get('process_rx', 0)):.1f}"
+                  f" per process_rx); in the handlers {spent['wall'] / frames * 1e6:.2f} us wall, "
+                  f"{spent['cpu'] / frames * 1e6:.2f} us CPU per frame\n")
+        if prof is not None:
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+        return out.getvalue()
+    return report
+
+
 def child_main(params: str) -> int:
     """Inside the namespace: run the job under one VMM, print the commands as they came back."""
     p = json.loads(params)
@@ -445,6 +493,7 @@ def child_main(params: str) -> int:
 
         m = Machine(MachineConfig(program=p["program"], console=f"file:{p['console']}", mem_size=512 * MiB, cpus=1,
                                   nets=[NetSpec(tap=TAP, mac=GUEST_MAC, queues=1)]))
+        profiler = profile_io_thread(m.nets[0], p["profile"]) if p.get("profile") else None
         try:
             for a, data in load.items():
                 m.mem.write(a, data)
@@ -453,6 +502,8 @@ def child_main(params: str) -> int:
             stats = m.nets[0].stats().__dict__ if m.nets else {}
         finally:
             m.close()
+        if profiler is not None:
+            print(profiler(), file=sys.stderr)
     else:
         from scripts.qemu_driver import QemuNet, qboot_rom, run_qemu_job
 
@@ -466,7 +517,8 @@ def child_main(params: str) -> int:
     return 0
 
 
-def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts: dict[str, int]) -> dict:
+def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts: dict[str, int],
+            profile: str | None = None) -> dict:
     cmds, load, phases = job_for(counts)
     files = {}
     for a, data in load.items():
@@ -484,7 +536,7 @@ def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts
     console = vmm_work / "console.log"
     console.write_text("")
     params = dict(vmm=vmm, cmds=[c.pack().hex() for c in cmds], load=files, program=str(program),
-                  console=str(console), workdir=str(vmm_work), timeout=300, timeout_ms=20_000)
+                  console=str(console), workdir=str(vmm_work), timeout=300, timeout_ms=20_000, profile=profile)
     n_tx = sum(c for d, _, c in phases.values() if d == "tx")
     dropped0 = net.stat(TAP, "tx_dropped")
     receiver = Receiver(net, pktio, TAP, n_tx)
@@ -558,6 +610,8 @@ def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts
     if res["status"] != D.R_OK or res["cmds_done"] != len(cmds):
         problems.append(f"{vmm}: job status {res['status']:#x} ({D.result_text(res['status'])}), "
                         f"{res['cmds_done']}/{len(cmds)} commands, {res['message']}")
+    if profile:
+        print(err, file=sys.stderr)
     return dict(rows=out_rows, problems=problems, device_stats=res.get("stats", {}))
 
 
@@ -577,8 +631,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", default="bench-net.json", help="where to write the results")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--vmm", choices=("both", "pyvmm", "qemu"), default="both", help="which VMMs to run")
     ap.add_argument("--scale", type=float, default=1.0, help="frames per phase, relative to the defaults")
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "time"),
+                    help="pyvmm's I/O thread: wake-ups and time per frame, with cProfile unless 'time' "
+                         "(slower: for finding costs, not for the table)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -591,13 +649,13 @@ def main(argv=None) -> int:
         return 2
     from scripts.qemu_driver import build_pvh_driver, have_qemu
 
-    qemu = not args.no_qemu and have_qemu()
+    qemu = not args.no_qemu and args.vmm != "pyvmm" and have_qemu()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-net-"))
     work.mkdir(parents=True, exist_ok=True)
     counts = {name: max(1000, int(n * args.scale)) for name, _, n in SIZES}
     program = build_pvh_driver(work)     # the same ELF for both VMMs
     pktio = build_pktio(work)
-    vmms = ["pyvmm"] + (["qemu"] if qemu else [])
+    vmms = (["pyvmm"] if args.vmm != "qemu" else []) + (["qemu"] if qemu else [])
     load0 = os.getloadavg()
     runs: list[dict] = []
     host_runs: list[dict] = []
@@ -609,7 +667,7 @@ def main(argv=None) -> int:
         for r in range(args.runs):
             for vmm in vmms:
                 t0 = time.monotonic()
-                res = run_vmm(vmm, net, pktio, program, work, counts)
+                res = run_vmm(vmm, net, pktio, program, work, counts, profile=args.profile if vmm == "pyvmm" else None)
                 for row in res["rows"]:
                     row["run"] = r
                 runs += res["rows"]
@@ -682,7 +740,7 @@ def main(argv=None) -> int:
         d = "guest->host" if line["direction"] == "tx" else "host->guest"
         m_p, m_q = mark(line, "pyvmm"), mark(line, "qemu")
         generator_bound |= "*" in (m_p, m_q)
-        s = (f"{d:<13} {line['size']:<10} {fmt_rate(line['pyvmm_fps']) + m_p:>10} {fmt_g(line['pyvmm_gbit']):>7}")
+        s = (f"{d:<13} {line['size']:<10} {fmt_rate(line.get('pyvmm_fps')) + m_p:>10} {fmt_g(line.get('pyvmm_gbit')):>7}")
         if qemu:
             s += (f" {fmt_rate(line.get('qemu_fps')) + m_q:>10} {fmt_g(line.get('qemu_gbit')):>7}"
                   f" {(format(line['ratio'], '.2f') if line.get('ratio') else '-'):>10}")

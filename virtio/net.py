@@ -86,6 +86,7 @@ import select
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -348,24 +349,14 @@ class NetStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class _RxBuffer:
-    """A popped RX chain waiting for a frame."""
-
-    __slots__ = ("head", "views", "capacity", "ring_descriptors")
-
-    def __init__(self, chain: DescriptorChain):
-        self.head = chain.head
-        self.views = chain.writable_views()
-        self.capacity = chain.writable_len
-        self.ring_descriptors = chain.ring_descriptors
-
-
 @dataclass(eq=False)
 class _Pair:
     """The state of queue pair `index`: receiveq 2*index, transmitq 2*index+1, tap queue `index`."""
 
     index: int
     fd: int  # the tap queue's fd
+    send: Callable[[list[memoryview]], int]  # writev of one frame on it (NetBackend.writer)
+    recv: Callable[[list[memoryview]], int]  # readv of one frame from it (NetBackend.reader)
     lock: threading.Lock = field(default_factory=threading.Lock)
     ep: select.epoll = field(default_factory=select.epoll)  # watches fd alone; nested in the IoThread's
     events: int | None = None  # the interest registered in ep (None: not registered)
@@ -374,10 +365,24 @@ class _Pair:
     rx_kicks_on: bool = True  # whether the driver is asked to notify the receiveq
     tx_blocked: bool = False  # the tap was full: waiting for EPOLLOUT
     tap_gone: bool = False
-    rx_buffers: deque = field(default_factory=deque)  # of _RxBuffer, in ring order
+    # RX chains held for frames to come, in ring order: (head, views, capacity, ring_descriptors);
+    # without MRG_RXBUF each chain's views end with `scratch`, the byte readv reaches only when the
+    # frame is longer than the chain.
+    rx_buffers: deque = field(default_factory=deque)
     rx_capacity: int = 0  # their total bytes
-    scratch: bytearray = field(default_factory=lambda: bytearray(1))  # readv's byte after the guest's
+    rx_descriptors: int = 0  # the descriptor-table entries they occupy
+    # With MRG_RXBUF: the views of every held chain in order, then `scratch` (one readv's iovec).
+    rx_iov: list = field(default_factory=list)
+    scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(1)))
     stats: NetStats = field(default_factory=NetStats)
+
+    def __post_init__(self) -> None:
+        self.rx_iov.append(self.scratch)
+
+    def forget_rx_buffers(self) -> None:
+        self.rx_buffers.clear()
+        del self.rx_iov[:-1]
+        self.rx_capacity = self.rx_descriptors = 0
 
     @property
     def rx(self) -> int:
@@ -511,7 +516,10 @@ class VirtioNet(VirtioDevice):
             self.tap.set_offload(offload)
         except OSError as err:  # the kernel then checksums and segments for us: slower, not wrong
             log.warning("%s: tap %s: cannot set offloads %#x: %s", self.name, self.tap.name, offload, err)
-        self._pairs = [_Pair(k, self.tap.fileno(k)) for k in range(self.queue_pairs if mq else 1)]
+        tap = self.tap
+        self._pairs = [
+            _Pair(k, tap.fileno(k), tap.writer(k), tap.reader(k)) for k in range(self.queue_pairs if mq else 1)
+        ]
         self.active_pairs = 1  # multiqueue starts disabled (5.1.6.5.5)
         for k in range(self.queue_pairs):
             self._enable_pair(k, k < self.active_pairs)
@@ -535,7 +543,7 @@ class VirtioNet(VirtioDevice):
         for p in pairs:
             self._past_stats.add(p.stats)
             p.ep.close()
-            p.rx_buffers.clear()  # the driver gets its buffers back by resetting the queues
+            p.forget_rx_buffers()  # the driver gets its buffers back by resetting the queues
         self.mac = self.default_mac
         self._reset_rx_mode()
 
@@ -634,79 +642,88 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit -------------------------------------------------------------------------
     def process_tx(self, index: int) -> None:
-        """Send every frame of transmitq `index` to the tap (on the pair's I/O thread)."""
+        """Send every frame of transmitq `index` to the tap (on the pair's I/O thread).
+
+        The hot loop of the device: per frame one pop_buffers() (the chain's
+        memoryviews), one writev to the tap, one used element; used.idx, the
+        driver's notification flag and the interrupt once per batch.
+        """
         if index >= len(self._pairs):
             return  # not active (a stale kick)
         p = self._pairs[index]
         qi = p.tx
         queue = self.queues[qi]
-        done = 0
+        pop, add_used, send = queue.pop_buffers, queue.add_used, p.send
+        frames = nbytes = done = 0
         with p.lock:
             if p.tx_blocked or self._queue_failed[qi]:
                 return
             first_used = queue.next_used
             try:
                 queue.set_notification(False)
-                while True:
+                while done < TX_BATCH:
                     try:
-                        chain = queue.pop()
-                    except ChainError as err:
+                        chain = pop()
+                    except ChainError as err:  # malformed, or with device-writable buffers
+                        p.stats.tx_dropped += 1
                         self._on_chain_error(queue, err)
+                        done += 1
                         continue
                     if chain is None:
                         if queue.enable_notification():
                             queue.set_notification(False)
                             continue
                         break
-                    if not self._transmit(p, chain):
-                        queue.undo_pop()  # the tap is full: this chain goes first when it has room
-                        p.tx_blocked = True
-                        p.stats.tx_blocked += 1
-                        self._update_interest(p)
-                        break
-                    queue.add_used(chain.head, 0)
+                    head, views, length, writable, _ = chain
+                    if writable or not NET_HDR_SIZE <= length <= MAX_BUFFER or len(views) > IOV_MAX:
+                        self._tx_drop(p, head, length, writable)
+                    else:
+                        try:
+                            send(views)
+                        except BlockingIOError:
+                            queue.undo_pop()  # the tap is full: this chain goes first when it has room
+                            p.tx_blocked = True
+                            p.stats.tx_blocked += 1
+                            self._update_interest(p)
+                            break
+                        except OSError as err:
+                            self._tx_error(p, length, err)
+                        else:
+                            frames += 1
+                            nbytes += length
+                    add_used(head, 0)
                     done += 1
-                    if done >= TX_BATCH:  # let the receiveq have the thread; come back at once
-                        os.eventfd_write(self.queue_events[qi], 1)
-                        break
+                else:  # TX_BATCH frames: let the receiveq have the thread, and come back at once
+                    os.eventfd_write(self.queue_events[qi], 1)
                 if queue.next_used != first_used:
                     queue.publish_used()
             except QueueError as err:
                 self._fail_queue(qi, err)
                 self._update_interest(p)
                 return
+            finally:
+                p.stats.tx_frames += frames
+                p.stats.tx_bytes += nbytes - NET_HDR_SIZE * frames
         if queue.needs_notification():
             self.signal_used(qi)
 
-    def _transmit(self, p: _Pair, chain: DescriptorChain) -> bool:
-        """Send one chain's frame; False if the tap is full (nothing sent), True otherwise."""
-        if chain.writable:
-            p.stats.tx_dropped += 1
-            self._guest_error("%s: TX chain %d has device-writable buffers: dropped", self.name, chain.head)
-            return True
-        length = chain.readable_len
-        if not NET_HDR_SIZE <= length <= MAX_BUFFER:
-            p.stats.tx_dropped += 1
+    def _tx_drop(self, p: _Pair, head: int, length: int, writable: bool) -> None:
+        """A TX chain that is no frame: completed unsent."""
+        p.stats.tx_dropped += 1
+        if writable:
+            self._guest_error("%s: TX chain %d has device-writable buffers: dropped", self.name, head)
+        elif not NET_HDR_SIZE <= length <= MAX_BUFFER:
             self._guest_error(
-                "%s: TX chain %d is %d bytes, not %d to %d: dropped", self.name, chain.head, length, NET_HDR_SIZE, MAX_BUFFER
+                "%s: TX chain %d is %d bytes, not %d to %d: dropped", self.name, head, length, NET_HDR_SIZE, MAX_BUFFER
             )
-            return True
-        if len(chain.readable) > IOV_MAX:
-            p.stats.tx_dropped += 1
-            self._guest_error("%s: TX chain %d has more than %d buffers: dropped", self.name, chain.head, IOV_MAX)
-            return True
-        try:
-            self.tap.writev(p.index, chain.readable_views())
-        except BlockingIOError:
-            return False
-        except OSError as err:
-            # EINVAL: the kernel did not like the header (a bad gso_type...); EIO: the host side is down
-            p.stats.tx_errors += 1
-            self._tap_error("%s: tap %s refused a frame of %d bytes: %s", self.name, self.tap.name, length, err)
-            return True
-        p.stats.tx_frames += 1
-        p.stats.tx_bytes += length - NET_HDR_SIZE
-        return True
+        else:
+            self._guest_error("%s: TX chain %d has more than %d buffers: dropped", self.name, head, IOV_MAX)
+
+    def _tx_error(self, p: _Pair, length: int, err: OSError) -> None:
+        """The tap refused a frame: EINVAL, the kernel did not like its header (a bad gso_type...);
+        EIO, the host side is down.  Counted; the chain is completed all the same."""
+        p.stats.tx_errors += 1
+        self._tap_error("%s: tap %s refused a frame of %d bytes: %s", self.name, self.tap.name, length, err)
 
     # -- receive --------------------------------------------------------------------------
     def process_rx(self, index: int) -> None:
@@ -750,11 +767,12 @@ class VirtioNet(VirtioDevice):
 
     def _take_rx_buffers(self, p: _Pair, queue: Queue) -> bool:
         """Pop chains until a frame surely fits (or the ring is empty); False if there are none."""
-        need = self._rx_need if self._mrg else 1
+        mrg = self._mrg
+        need = self._rx_need if mrg else 1  # without MRG_RXBUF one chain takes any frame it can
         buffers = p.rx_buffers
-        while (p.rx_capacity if self._mrg else len(buffers)) < need:
+        while p.rx_capacity < need:
             try:
-                chain = queue.pop()
+                chain = queue.pop_buffers()
             except ChainError as err:
                 p.stats.rx_bad_chains += 1
                 self._on_chain_error(queue, err)
@@ -765,16 +783,22 @@ class VirtioNet(VirtioDevice):
                 if queue.enable_notification():
                     continue
                 break
-            if chain.readable or chain.writable_len < NET_HDR_SIZE or len(chain.writable) >= IOV_MAX:
+            head, views, capacity, writable, descriptors = chain
+            if not writable or capacity < NET_HDR_SIZE or len(views) >= IOV_MAX:
                 p.stats.rx_bad_chains += 1
                 self._guest_error(
                     "%s: RX chain %d is not %d+ device-writable bytes in under %d buffers: returned empty",
-                    self.name, chain.head, NET_HDR_SIZE, IOV_MAX,
+                    self.name, head, NET_HDR_SIZE, IOV_MAX,
                 )
-                queue.add_used(chain.head, 0)
+                queue.add_used(head, 0)
                 continue
-            buffers.append(_RxBuffer(chain))
-            p.rx_capacity += chain.writable_len
+            if mrg:
+                p.rx_iov[-1:-1] = views
+            else:
+                views.append(p.scratch)
+            buffers.append((head, views, capacity, descriptors))
+            p.rx_capacity += capacity
+            p.rx_descriptors += descriptors
         else:
             if p.rx_kicks_on:  # enough in hand: the driver need not tell us about more
                 queue.set_notification(False)
@@ -784,27 +808,30 @@ class VirtioNet(VirtioDevice):
         # drop it: wait for the driver's kick instead (armed above) - unless we hold the whole
         # descriptor table, so the driver cannot give more (its choice: then the biggest frames
         # cannot fit, and are counted in rx_truncated).
-        if self._mrg and sum(b.ring_descriptors for b in buffers) < queue.size:
+        if mrg and p.rx_descriptors < queue.size:
             return False
         return bool(buffers)
 
     def _receive(self, p: _Pair, queue: Queue) -> bool:
         """Read one frame from the tap into the buffers in hand; False if the tap had none."""
         buffers = p.rx_buffers
-        if self._mrg:
-            iov: list[memoryview] = []
+        if not self._mrg:
+            iov = buffers[0][1]
+            capacity = buffers[0][2]
+        elif len(p.rx_iov) <= IOV_MAX:
+            iov = p.rx_iov
+            capacity = p.rx_capacity
+        else:  # more views held than one readv takes: the first chains, up to what a frame needs
+            iov = []
             capacity = 0
-            for buf in buffers:
-                if capacity and (capacity >= self._rx_need or len(iov) + len(buf.views) >= IOV_MAX):
+            for _, views, cap, _ in buffers:
+                if capacity and (capacity >= self._rx_need or len(iov) + len(views) >= IOV_MAX):
                     break
-                iov.extend(buf.views)
-                capacity += buf.capacity
-        else:
-            iov = list(buffers[0].views)
-            capacity = buffers[0].capacity
-        iov.append(p.scratch)  # filled only if the frame is longer than the guest's buffers
+                iov += views
+                capacity += cap
+            iov.append(p.scratch)
         try:
-            n = self.tap.readv(p.index, iov)
+            n = p.recv(iov)
         except BlockingIOError:
             return False
         except OSError as err:
@@ -821,17 +848,22 @@ class VirtioNet(VirtioDevice):
             )
             return True
         # Hand the frame over: the chains it filled, each with the bytes it got.
-        first = buffers[0]
+        first_views = buffers[0][1]
         remaining = n
-        count = 0
+        count = used_views = 0
+        add_used = queue.add_used
         while remaining > 0:
-            buf = buffers.popleft()
-            got = buf.capacity if buf.capacity < remaining else remaining
-            queue.add_used(buf.head, got)
-            p.rx_capacity -= buf.capacity
+            head, views, cap, descriptors = buffers.popleft()
+            got = cap if cap < remaining else remaining
+            add_used(head, got)
+            p.rx_capacity -= cap
+            p.rx_descriptors -= descriptors
+            used_views += len(views)
             remaining -= got
             count += 1
-        _patch_header(first.views, count, None if self._guest_csum else 0)
+        if self._mrg:
+            del p.rx_iov[:used_views]
+        _patch_header(first_views, count, None if self._guest_csum else 0)
         p.stats.rx_frames += 1
         p.stats.rx_bytes += n - NET_HDR_SIZE
         return True

@@ -76,6 +76,7 @@ MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
+_pack_used = _USED_ELEM.pack_into
 
 # Byte offsets inside the rings.
 _AVAIL_IDX = 2
@@ -212,6 +213,8 @@ class Queue:
         "_desc_off",
         "_avail_off",
         "_used_off",
+        "_avail_ring_word",
+        "_used_ring_off",
         "_pending",
         "_used_idx",
         "_signalled_used",
@@ -239,6 +242,7 @@ class Queue:
         self._ready = False
         # Buffer offsets of the three areas, valid while ready.
         self._desc_off = self._avail_off = self._used_off = 0
+        self._avail_ring_word = self._used_ring_off = 0  # avail.ring[0] in mem.u16, used.ring[0] in mem.buffer
         # Entries known to be in the avail ring beyond next_avail (from the last avail.idx read).
         self._pending = 0
         # The value last written to used.idx, and its value at the last needs_notification().
@@ -284,6 +288,8 @@ class Queue:
             except GuestMemoryError as err:
                 raise QueueError(f"{name} is not in guest RAM: {err}") from None
         self._desc_off, self._avail_off, self._used_off = offsets
+        self._avail_ring_word = (self._avail_off + _AVAIL_RING) >> 1
+        self._used_ring_off = self._used_off + _USED_RING
         self.next_avail &= 0xFFFF
         self.next_used &= 0xFFFF
         self._pending = 0
@@ -327,6 +333,72 @@ class Queue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._pending -= 1
         return self._read_chain(head)
+
+    def pop_buffers(self) -> tuple[int, list[memoryview], int, bool, int] | None:
+        """The next available chain as buffers going one way, or None if there is none.
+
+        For devices whose every chain is either all device-readable or all
+        device-writable (virtio-net: a transmitq chain is a frame to send, a
+        receiveq chain room for one).  Returns (head, views, length, writable,
+        ring_descriptors): memoryviews of the buffers in chain order, their total
+        bytes, whether they are device-writable, and the descriptor-table entries
+        the chain occupies (see DescriptorChain).  A chain that mixes readable and
+        writable buffers raises ChainError, as a malformed one does.
+
+        The usual shape - direct descriptors, or one indirect table, each buffer
+        non-empty and in the RAM `GuestMemory.direct_limit` covers - is walked here
+        in one tight loop with the same bounds (head and every `next` below the
+        table's size, at most that many descriptors, so no loop); anything else,
+        including every kind of error, is left to the full walk (`_read_chain`),
+        so the rules live in one place.
+        """
+        if self._pending == 0 and self.available() == 0:
+            return None
+        size = self.size
+        mem = self.mem
+        next_avail = self.next_avail
+        head = mem.u16[self._avail_ring_word + (next_avail & (size - 1))]
+        self.next_avail = (next_avail + 1) & 0xFFFF
+        self._pending -= 1
+        if head < size:
+            buf = mem.buffer
+            direct = mem.direct_limit
+            table = self._desc_off
+            unpack = _DESC.unpack_from
+            addr, length, flags, index = unpack(buf, table + DESC_SIZE * head)
+            limit = size
+            ring_descriptors = 0  # direct: the chain's length
+            if (
+                flags == VIRTQ_DESC_F_INDIRECT
+                and self.indirect
+                and 0 < length <= MAX_INDIRECT_LEN
+                and not length % DESC_SIZE
+                and addr + length <= direct
+            ):
+                table, limit, ring_descriptors = addr, length // DESC_SIZE, 1
+                addr, length, flags, index = unpack(buf, table)
+            writable = flags & VIRTQ_DESC_F_WRITE
+            same_way = writable | VIRTQ_DESC_F_NEXT
+            whole = mem.bytes_view
+            views = []
+            total = count = 0
+            while count < limit and flags | VIRTQ_DESC_F_NEXT == same_way and 0 < length and addr + length <= direct:
+                views.append(whole[addr : addr + length])
+                total += length
+                count += 1
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    if total > MAX_CHAIN_BYTES:
+                        break
+                    return head, views, total, bool(writable), ring_descriptors or count
+                if index >= limit:
+                    break
+                addr, length, flags, index = unpack(buf, table + DESC_SIZE * index)
+        chain = self._read_chain(head)  # not the usual shape: the full walk (raises ChainError)
+        if chain.readable and chain.writable:
+            raise ChainError(head, "chain mixes device-readable and device-writable buffers")
+        writable = bool(chain.writable)
+        views = chain.writable_views() if writable else chain.readable_views()
+        return head, views, chain.writable_len if writable else chain.readable_len, writable, chain.ring_descriptors
 
     def undo_pop(self) -> None:
         """Put the last popped chain back (a device that popped a chain it cannot use yet)."""
@@ -465,15 +537,16 @@ class Queue:
         The driver does not see the element until publish_used() writes used.idx.
         `length` is the number of bytes the device wrote into the chain.
         """
+        size = self.size
         if not self._ready:
             raise QueueError("add_used on a queue that is not ready")
-        if not 0 <= head < self.size:
-            raise QueueError(f"add_used: head {head} is not below the queue size {self.size}")
+        if not 0 <= head < size:
+            raise QueueError(f"add_used: head {head} is not below the queue size {size}")
         if not 0 <= length <= 0xFFFFFFFF:
             raise QueueError(f"add_used: length {length} does not fit in 32 bits")
-        slot = self.next_used & (self.size - 1)
-        _USED_ELEM.pack_into(self.mem.buffer, self._used_off + _USED_RING + 8 * slot, head, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
+        next_used = self.next_used
+        _pack_used(self.mem.buffer, self._used_ring_off + 8 * (next_used & (size - 1)), head, length)
+        self.next_used = (next_used + 1) & 0xFFFF
 
     def publish_used(self) -> None:
         """Write used.idx = next_used, handing every element added so far to the driver.

@@ -81,6 +81,11 @@ class GuestMemory:
         self.u16 = self._view.cast("H")
         self._low = self.regions[0]
         self._high = self.regions[1] if len(self.regions) > 1 else None
+        # For hot paths that inline the common case of offset(): a guest range that ends at or
+        # below `direct_limit` is RAM at the same offset in `buffer` (and in `bytes_view`, the
+        # whole mapping as one memoryview).  Anything else goes through offset().
+        self.direct_limit = self._low.size if self._low.offset == 0 else 0
+        self.bytes_view = self._view
 
     # -- address translation -------------------------------------------------
     def offset(self, gpa: int, length: int) -> int:

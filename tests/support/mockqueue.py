@@ -62,6 +62,7 @@ class SkewedGuestMemory(GuestMemory):
         self.skew = skew
         self.canary = bytes([canary]) * skew
         self.buffer[:skew] = self.canary
+        self.direct_limit = 0  # every access goes through offset()
 
     def offset(self, gpa: int, length: int) -> int:
         if gpa < 0 or length < 0 or gpa + length > self.ram_size:

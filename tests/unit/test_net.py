@@ -133,6 +133,12 @@ class FakeTap:
             raise OSError(self.write_error, os.strerror(self.write_error))
         return os.writev(self.fileno(index), views)
 
+    def reader(self, index):
+        return lambda views: self.readv(index, views)
+
+    def writer(self, index):
+        return lambda views: self.writev(index, views)
+
     def set_offload(self, flags):
         self.offload = flags
 

@@ -14,6 +14,7 @@ buffer offset g + 4096 behind a canary.
 
 from __future__ import annotations
 
+import ctypes
 import re
 
 import pytest
@@ -367,6 +368,57 @@ def test_hostile_driver(memories, s):
     assert_only_used_ring_written(mem, s, before)
     assert mq.used_idx == q.next_used == (s["start"] + len(completed)) & 0xFFFF
     assert mq.used_entries() == completed
+
+
+def view_offset(mem, view) -> int:
+    """Where in mem.buffer a memoryview of guest RAM starts."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) - ctypes.addressof(ctypes.c_char.from_buffer(mem.buffer))
+
+
+@FUZZ
+@given(s=scenario())
+def test_pop_buffers_agrees_with_pop(memories, s):
+    """pop_buffers() (a fast walk for one-way chains, the full one otherwise) gives, for every
+    chain, what pop() gives - or ChainError for a chain that mixes readable and writable
+    buffers - with views of exactly the chain's ranges."""
+    kind, size = s["kind"], s["size"]
+    mem = memories[kind]
+    clear(mem, kind)
+    mq = write_scenario(mem, s)
+    if mq is None or s["desc"] % 16 or s["avail"] % 2 or s["used"] % 4 or overlapping(s):
+        return  # covered by test_hostile_driver
+    fast = mq.create_queue(16, event_idx=s["event_idx"], indirect=s["indirect"])
+    full = mq.create_queue(16, event_idx=s["event_idx"], indirect=s["indirect"])  # reads only
+    if (s["avail_idx"] - s["start"]) & 0xFFFF > size:
+        with pytest.raises(QueueError):
+            fast.pop_buffers()
+        return
+    before = bytes(mem.buffer)
+    while True:
+        try:
+            chain = full.pop()
+        except ChainError as err:
+            with pytest.raises(ChainError) as got:
+                fast.pop_buffers()
+            assert (got.value.head, got.value.completable) == (err.head, err.completable)
+            continue
+        if chain is None:
+            assert fast.pop_buffers() is None
+            break
+        if chain.readable and chain.writable:
+            with pytest.raises(ChainError, match="mixes") as got:
+                fast.pop_buffers()
+            assert got.value.head == chain.head and got.value.completable
+            event("mixed chain")
+            continue
+        head, views, length, writable, ring_descriptors = fast.pop_buffers()
+        ranges = chain.writable if chain.writable else chain.readable
+        assert (head, writable, ring_descriptors) == (chain.head, bool(chain.writable), chain.ring_descriptors)
+        assert length == sum(n for _, n in ranges)
+        assert [(view_offset(mem, v), len(v)) for v in views] == [(mem.offset(g, n), n) for g, n in ranges]
+        event(f"{'writable' if writable else 'readable'} chain of {len(views)} buffers")
+    assert fast.next_avail == full.next_avail
+    assert bytes(mem.buffer) == before
 
 
 @st.composite

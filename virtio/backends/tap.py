@@ -3,6 +3,7 @@
     tap = Tap.open("tap0", queues=2)          # creates tap0 (or attaches to a persistent one)
     n = tap.readv(0, [view1, view2])          # one frame with its header, from queue 0's fd
     tap.writev(1, [hdr_view, frame_view])     # one frame, from queue 1's fd
+    send = tap.writer(1); send([view])         # the same, bound to queue 1 (for hot loops)
     tap.set_offload(TUN_F_CSUM | TUN_F_TSO4)  # what the reader (us) accepts from the kernel
     tap.close()
 
@@ -46,7 +47,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Protocol, Sequence
+from functools import partial
+from typing import Callable, Protocol, Sequence
 
 # <linux/if_tun.h>: ioctls, _IOW('T', nr, int) / _IOR('T', nr, unsigned int)
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
@@ -141,6 +143,14 @@ class NetBackend(Protocol):
 
     def writev(self, index: int, views: Sequence[memoryview]) -> int: ...
 
+    def reader(self, index: int) -> Callable[[Sequence[memoryview]], int]:
+        """readv bound to queue `index`: what a device's hot loop calls per frame."""
+        ...
+
+    def writer(self, index: int) -> Callable[[Sequence[memoryview]], int]:
+        """writev bound to queue `index`."""
+        ...
+
     def set_offload(self, flags: int) -> None: ...
 
     def set_queue_enabled(self, index: int, enabled: bool) -> None: ...
@@ -200,6 +210,12 @@ class Tap:
     def writev(self, index: int, views: Sequence[memoryview]) -> int:
         """Send one frame (header first) made of `views`."""
         return os.writev(self.fds[index], views)
+
+    def reader(self, index: int) -> Callable[[Sequence[memoryview]], int]:
+        return partial(os.readv, self.fds[index])  # no Python frame between the device and the syscall
+
+    def writer(self, index: int) -> Callable[[Sequence[memoryview]], int]:
+        return partial(os.writev, self.fds[index])
 
     def set_offload(self, flags: int) -> None:
         """TUNSETOFFLOAD: the TUN_F_* offloads the reader accepts.  Raises OSError (EINVAL)."""
