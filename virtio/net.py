@@ -197,8 +197,11 @@ MAX_BUFFER = NET_HDR_SIZE + MAX_FRAME
 MAX_QUEUE_PAIRS = 64
 MAX_CTRL_BYTES = 1 << 20  # a control command bigger than this (a huge MAC table) is refused
 # Frames per wake-up before going back to epoll (the other queue of the pair gets its turn).
-RX_BATCH = 64
+RX_BATCH = 128
 TX_BATCH = 256
+# used.idx is written every this many chains within a batch, not only at its end: the driver can
+# refill the ring while the device works through it, so a busy queue does not run dry and sleep.
+PUBLISH_EVERY = 32
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 _U16 = struct.Struct("<H")
@@ -693,6 +696,8 @@ class VirtioNet(VirtioDevice):
                             nbytes += length
                     add_used(head, 0)
                     done += 1
+                    if not done % PUBLISH_EVERY:
+                        queue.publish_used()  # the driver may reuse these while we go on
                 else:  # TX_BATCH frames: let the receiveq have the thread, and come back at once
                     os.eventfd_write(self.queue_events[qi], 1)
                 if queue.next_used != first_used:
@@ -741,9 +746,10 @@ class VirtioNet(VirtioDevice):
             if self._queue_failed[qi] or not p.enabled or p.tap_gone:
                 return
             first_used = queue.next_used
+            need = self._rx_need if self._mrg else 1
             try:
-                for _ in range(RX_BATCH):
-                    if not self._take_rx_buffers(p, queue):
+                for frames in range(1, RX_BATCH + 1):
+                    if p.rx_capacity < need and not self._take_rx_buffers(p, queue):
                         if not p.rx_waiting:  # back-pressure: leave the frames in the tap
                             p.rx_waiting = True
                             p.stats.rx_no_buffers += 1
@@ -754,6 +760,8 @@ class VirtioNet(VirtioDevice):
                         self._update_interest(p)
                     if not self._receive(p, queue):
                         break  # the tap is empty
+                    if not frames % PUBLISH_EVERY:
+                        queue.publish_used()
                 if queue.next_used != first_used:
                     queue.publish_used()
             except QueueError as err:
@@ -848,24 +856,39 @@ class VirtioNet(VirtioDevice):
             )
             return True
         # Hand the frame over: the chains it filled, each with the bytes it got.
-        first_views = buffers[0][1]
-        remaining = n
-        count = used_views = 0
-        add_used = queue.add_used
-        while remaining > 0:
-            head, views, cap, descriptors = buffers.popleft()
-            got = cap if cap < remaining else remaining
-            add_used(head, got)
+        head, views, cap, descriptors = buffers.popleft()
+        first_views = views  # the header is in the first chain (it has NET_HDR_SIZE bytes or more)
+        first = views[0]
+        if n <= cap:  # one chain (always, without MRG_RXBUF)
+            queue.add_used(head, n)
+            count = 1
             p.rx_capacity -= cap
             p.rx_descriptors -= descriptors
-            used_views += len(views)
-            remaining -= got
-            count += 1
+            used_views = len(views)
+        else:
+            buffers.appendleft((head, views, cap, descriptors))
+            count = used_views = 0
+            remaining = n
+            while remaining > 0:
+                head, views, cap, descriptors = buffers.popleft()
+                got = cap if cap < remaining else remaining
+                queue.add_used(head, got)
+                p.rx_capacity -= cap
+                p.rx_descriptors -= descriptors
+                used_views += len(views)
+                remaining -= got
+                count += 1
         if self._mrg:
             del p.rx_iov[:used_views]
-        _patch_header(first_views, count, None if self._guest_csum else 0)
-        p.stats.rx_frames += 1
-        p.stats.rx_bytes += n - NET_HDR_SIZE
+        if len(first) >= NET_HDR_SIZE:  # the usual case: the whole header in the first buffer
+            _U16.pack_into(first, NUM_BUFFERS_OFFSET, count)
+            if not self._guest_csum:
+                first[0] = 0
+        else:
+            _patch_header(first_views, count, None if self._guest_csum else 0)
+        stats = p.stats
+        stats.rx_frames += 1
+        stats.rx_bytes += n - NET_HDR_SIZE
         return True
 
     # -- control queue ----------------------------------------------------------------------
