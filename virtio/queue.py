@@ -368,21 +368,22 @@ class Queue:
             addr, length, flags, index = unpack(buf, table + DESC_SIZE * head)
             limit = size
             ring_descriptors = 0  # direct: the chain's length
-            if (
-                flags == VIRTQ_DESC_F_INDIRECT
-                and self.indirect
-                and 0 < length <= MAX_INDIRECT_LEN
-                and not length % DESC_SIZE
-                and addr + length <= direct
-            ):
-                table, limit, ring_descriptors = addr, length // DESC_SIZE, 1
-                addr, length, flags, index = unpack(buf, table)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if (
+                    flags == VIRTQ_DESC_F_INDIRECT
+                    and self.indirect
+                    and 0 < length <= MAX_INDIRECT_LEN
+                    and not length % DESC_SIZE
+                    and addr + length <= direct
+                ):
+                    table, limit, ring_descriptors = addr, length // DESC_SIZE, 1
+                    addr, length, flags, index = unpack(buf, table)
             writable = flags & VIRTQ_DESC_F_WRITE
             same_way = writable | VIRTQ_DESC_F_NEXT
             whole = mem.bytes_view
             views = []
             total = count = 0
-            while count < limit and flags | VIRTQ_DESC_F_NEXT == same_way and 0 < length and addr + length <= direct:
+            while flags | VIRTQ_DESC_F_NEXT == same_way and 0 < length and addr + length <= direct:
                 views.append(whole[addr : addr + length])
                 total += length
                 count += 1
@@ -390,7 +391,7 @@ class Queue:
                     if total > MAX_CHAIN_BYTES:
                         break
                     return head, views, total, bool(writable), ring_descriptors or count
-                if index >= limit:
+                if index >= limit or count >= limit:  # a bad next, or a loop: the full walk says which
                     break
                 addr, length, flags, index = unpack(buf, table + DESC_SIZE * index)
         chain = self._read_chain(head)  # not the usual shape: the full walk (raises ChainError)
