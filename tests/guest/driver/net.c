@@ -600,6 +600,20 @@ static unsigned data_descs(u64 len, u32 flags)
     return (unsigned)((len + seg - 1) / seg);
 }
 
+/* Every 100 ms of a polling loop: whether the device set NEEDS_RESET or reset itself (then it is
+ * marked not ready and its status printed). */
+static bool device_broken(struct netdev *n, u64 now, u64 *last_check)
+{
+    if (now - *last_check <= ms_to_tsc(100))
+        return false;
+    *last_check = now;
+    if (!virtio_broken(&n->d))
+        return false;
+    printf("net%u: device status %x\n", n->d.index, virtio_get_status(&n->d));
+    n->d.ready = false;
+    return true;
+}
+
 /* Put frame i on the ring (not yet published): 1, 0: no room, <0: -R_*. */
 static int tx_submit(struct txrun *t, u64 i)
 {
@@ -730,14 +744,9 @@ static int tx_run(struct txrun *t)
             err = R_TIMEOUT;
             goto out;
         }
-        if (now - last_check > ms_to_tsc(100)) {
-            last_check = now;
-            if (virtio_broken(&n->d)) {
-                printf("net%u: device status %x\n", n->d.index, virtio_get_status(&n->d));
-                n->d.ready = false;
-                err = R_DEVICE;
-                goto out;
-            }
+        if (device_broken(n, now, &last_check)) {
+            err = R_DEVICE;
+            goto out;
         }
         cpu_relax();
     }
@@ -1096,14 +1105,9 @@ static int rx_run(struct rxrun *x)
             err = R_TIMEOUT;
             goto out;
         }
-        if (now - last_check > ms_to_tsc(100)) {
-            last_check = now;
-            if (virtio_broken(&n->d)) {
-                printf("net%u: device status %x\n", n->d.index, virtio_get_status(&n->d));
-                n->d.ready = false;
-                err = R_DEVICE;
-                goto out;
-            }
+        if (device_broken(n, now, &last_check)) {
+            err = R_DEVICE;
+            goto out;
         }
         cpu_relax();
     }
