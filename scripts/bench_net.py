@@ -444,9 +444,17 @@ def profile_io_thread(dev, profile: str) -> Callable[[], str]:
 
     import time as _t
 
+    import resource
+
     prof = cProfile.Profile() if profile == "cprofile" else None
     calls: dict[str, int] = {}
     spent = {"wall": 0.0, "cpu": 0.0}
+    # user and system seconds, voluntary and involuntary context switches
+    split = {"process_tx": [0.0, 0.0, 0, 0], "process_rx": [0.0, 0.0, 0, 0]}
+
+    def rusage() -> tuple[float, float, int, int]:
+        r = resource.getrusage(resource.RUSAGE_THREAD)
+        return r.ru_utime, r.ru_stime, r.ru_nvcsw, r.ru_nivcsw
 
     def wrap(name):
         inner = getattr(dev, name)
@@ -455,12 +463,15 @@ def profile_io_thread(dev, profile: str) -> Callable[[], str]:
             calls[name] = calls.get(name, 0) + 1
             if prof is not None:
                 prof.enable()
+            before = rusage()
             w, c = _t.perf_counter(), _t.thread_time()
             try:
                 inner(*a)
             finally:
                 spent["wall"] += _t.perf_counter() - w
                 spent["cpu"] += _t.thread_time() - c
+                for i, (a, b) in enumerate(zip(before, rusage())):
+                    split[name][i] += b - a
                 if prof is not None:
                     prof.disable()
         setattr(dev, name, handler)     # activate() (at the driver's DRIVER_OK) binds these
@@ -476,6 +487,11 @@ def profile_io_thread(dev, profile: str) -> Callable[[], str]:
                   f" per process_tx), rx {st.rx_frames} frames ({st.rx_frames / max(1, calls.get('process_rx', 0)):.1f}"
                   f" per process_rx); in the handlers {spent['wall'] / frames * 1e6:.2f} us wall, "
                   f"{spent['cpu'] / frames * 1e6:.2f} us CPU per frame\n")
+        for name, count in (("process_tx", st.tx_frames), ("process_rx", st.rx_frames)):
+            user, system = split[name][:2]
+            out.write(f"  {name}: {user / max(1, count) * 1e6:.2f} us user + {system / max(1, count) * 1e6:.2f} us system"
+                      " per frame (getrusage, tick-grained)\n")
+            out.write(f"  {name}: {split[name][2]} voluntary, {split[name][3]} involuntary context switches in the handler\n")
         if prof is not None:
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         return out.getvalue()

@@ -51,6 +51,23 @@ dropped for want of guest buffers.
     Cloud Hypervisor does the same.
   * Per wake-up: up to RX_BATCH frames, one used.idx update, one interrupt.
 
+Batches (the fast path): with a backend whose fds take one frame per readv /
+writev (a real tap: `NetBackend.direct_fds`) each pair has, for its transmitq
+and (without MRG_RXBUF) its receiveq, a BatchReader (virtio/batch.py: the next
+available chains walked together in numpy, as rows of `struct iovec` pointing
+into guest RAM) and an io_uring (vmm/io_uring.py: one writev / readv per row,
+all submitted in one system call, RWF_NOWAIT so a full or empty tap answers
+EAGAIN at once).  Their used elements, and each RX header's num_buffers, are
+written together.  Python then does per batch what it did per frame; the
+kernel's work per frame stays that of a writev / readv.  A chain that is not
+of the usual shape (virtio/batch.py says which) ends the batch and goes the
+one-chain way below, which has every rule and every error message; so does
+everything when io_uring cannot be had (a warning says so).  A TX write that
+finds the tap full waits in `tx_retry` and is sent first when it has room
+(the rest of its batch is sent meanwhile: that frame may arrive late, none is
+lost).  An RX read that gets EAGAIN leaves its chain in the ring (or, before
+a chain that did get a frame, holds it for the one-chain path).
+
 Control queue (5.1.6.5): MQ VQ_PAIRS_SET (1..max pairs: the others are
 detached from the tap with TUNSETQUEUE, so the kernel steers nothing to them),
 RX PROMISC / ALLMULTI, MAC TABLE_SET, MAC ADDR_SET (acknowledged and
@@ -79,6 +96,7 @@ the same address on every start, two VMs (or two taps) almost surely differ.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -90,7 +108,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
+
 from vmm.memory import GuestMemory
+from vmm.io_uring import IORING_OP_READV, IORING_OP_WRITEV, IoUring
 from .backends.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -102,6 +123,7 @@ from .backends.tap import (
     TapError,
     check_tap_name,
 )
+from .batch import MAX_BATCH_DESCRIPTORS, BatchReader
 from .blk import _RateLimitedLog
 from .device import VIRTIO_ID_NET, VirtioDevice
 from .queue import ChainError, DescriptorChain, Queue, QueueError
@@ -202,7 +224,13 @@ TX_BATCH = 256
 # used.idx is written every this many chains within a batch, not only at its end: the driver can
 # refill the ring while the device works through it, so a busy queue does not run dry and sleep.
 PUBLISH_EVERY = 32
+BATCH_RING_ENTRIES = 256  # io_uring submission queue of a batch path
+RX_HINT_MIN = 8  # the fewest reads an RX batch submits
+# What _rx_batch says comes next.
+_MORE, _TAP_EMPTY, _NO_BUFFERS, _UNUSUAL = "more", "tap empty", "no buffers", "unusual chain"
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+TX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS)
+RX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS) - 1  # and the scratch byte
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -378,14 +406,33 @@ class _Pair:
     rx_iov: list = field(default_factory=list)
     scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(1)))
     stats: NetStats = field(default_factory=NetStats)
+    # The batch path (see "Batches" in the module's text): a BatchReader and an io_uring per queue,
+    # or None where the pair goes one chain at a time.
+    tx_reader: BatchReader | None = None
+    tx_ring: IoUring | None = None
+    rx_reader: BatchReader | None = None
+    rx_ring: IoUring | None = None
+    rx_hint: int = 8  # how many reads the next RX batch submits (grows while the tap keeps up)
+    # TX chains taken in a batch whose write found the tap full: (head, views), sent first next time
+    tx_retry: deque = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.rx_iov.append(self.scratch)
+        self.scratch_array = np.frombuffer(self.scratch, dtype=np.uint8)
+        self.scratch_address = self.scratch_array.ctypes.data
 
     def forget_rx_buffers(self) -> None:
         self.rx_buffers.clear()
         del self.rx_iov[:-1]
         self.rx_capacity = self.rx_descriptors = 0
+        self.tx_retry.clear()
+
+    def close_batches(self) -> None:
+        for name in ("tx_reader", "tx_ring", "rx_reader", "rx_ring"):
+            thing = getattr(self, name)
+            if thing is not None:
+                thing.close()
+                setattr(self, name, None)
 
     @property
     def rx(self) -> int:
@@ -410,6 +457,7 @@ class VirtioNet(VirtioDevice):
         queue_size: int = 256,
         mtu: int = 1500,
         io_threads: bool = True,
+        batches: bool = True,
     ):
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"virtio-net: {queue_pairs} queue pairs is not from 1 to {MAX_QUEUE_PAIRS}")
@@ -426,6 +474,7 @@ class VirtioNet(VirtioDevice):
         self.mtu = mtu
         self.queue_pairs = queue_pairs
         self.io_threads = io_threads
+        self.batches = batches  # the batch path where the backend and the kernel allow it
         self.link_up = True
 
         features = 0
@@ -523,6 +572,9 @@ class VirtioNet(VirtioDevice):
         self._pairs = [
             _Pair(k, tap.fileno(k), tap.writer(k), tap.reader(k)) for k in range(self.queue_pairs if mq else 1)
         ]
+        if self.batches and getattr(tap, "direct_fds", False):
+            for p in self._pairs:
+                self._open_batches(p)
         self.active_pairs = 1  # multiqueue starts disabled (5.1.6.5.5)
         for k in range(self.queue_pairs):
             self._enable_pair(k, k < self.active_pairs)
@@ -538,6 +590,27 @@ class VirtioNet(VirtioDevice):
             self._threads.append(thread)
             thread.start()
 
+    def _open_batches(self, p: _Pair) -> None:
+        """Give the pair the batch path: for its transmitq, and for its receiveq without
+        MRG_RXBUF (a mergeable frame's chains are known only once it is read).  Where io_uring
+        cannot be had (an old kernel, a sandbox that forbids it) the pair goes one chain at a time."""
+        try:
+            if self.queues[p.tx].ready:
+                p.tx_ring = IoUring(BATCH_RING_ENTRIES)
+                p.tx_ring.prefill(IORING_OP_WRITEV, p.fd)
+                p.tx_reader = BatchReader(self.queues[p.tx])
+            if self.queues[p.rx].ready and not self._mrg:
+                p.rx_ring = IoUring(BATCH_RING_ENTRIES)
+                p.rx_ring.prefill(IORING_OP_READV, p.fd)
+                p.rx_reader = BatchReader(self.queues[p.rx])
+        except OSError as err:
+            p.close_batches()
+            if not VirtioNet._said_no_batches:
+                VirtioNet._said_no_batches = True
+                log.warning("%s: io_uring is not available (%s): one frame per system call", self.name, err)
+
+    _said_no_batches = False
+
     def deactivate(self) -> None:
         threads, self._threads = self._threads, []
         for thread in threads:
@@ -546,6 +619,7 @@ class VirtioNet(VirtioDevice):
         for p in pairs:
             self._past_stats.add(p.stats)
             p.ep.close()
+            p.close_batches()
             p.forget_rx_buffers()  # the driver gets its buffers back by resetting the queues
         self.mac = self.default_mac
         self._reset_rx_mode()
@@ -647,9 +721,12 @@ class VirtioNet(VirtioDevice):
     def process_tx(self, index: int) -> None:
         """Send every frame of transmitq `index` to the tap (on the pair's I/O thread).
 
-        The hot loop of the device: per frame one pop_buffers() (the chain's
-        memoryviews), one writev to the tap, one used element; used.idx, the
-        driver's notification flag and the interrupt once per batch.
+        The hot loop of the device.  On the batch path: the available chains of the
+        usual shape walked together (BatchReader), one writev each submitted to the
+        kernel together (io_uring), their used elements written together.  A chain
+        of another shape, or without the batch path: one pop_buffers() (the chain's
+        memoryviews), one writev, one used element.  used.idx, the driver's
+        notification flag and the interrupt once per batch.
         """
         if index >= len(self._pairs):
             return  # not active (a stale kick)
@@ -664,7 +741,30 @@ class VirtioNet(VirtioDevice):
             first_used = queue.next_used
             try:
                 queue.set_notification(False)
-                while done < TX_BATCH:
+                if p.tx_retry:
+                    frames, nbytes = self._tx_retry(p, queue)
+                while done < TX_BATCH and not p.tx_blocked:
+                    if p.tx_reader is not None:
+                        batch = p.tx_reader.peek(
+                            TX_BATCH - done,
+                            writable=False,
+                            min_length=NET_HDR_SIZE,
+                            max_length=MAX_BUFFER,
+                            max_buffers=TX_BATCH_BUFFERS,
+                        )
+                        if batch is None:
+                            if queue.enable_notification():
+                                queue.set_notification(False)
+                                continue
+                            break
+                        if len(batch):
+                            sent, sent_bytes = self._tx_batch(p, batch)
+                            frames += sent
+                            nbytes += sent_bytes
+                            done += len(batch)
+                            queue.publish_used()  # the driver may reuse these while we go on
+                            continue
+                        # the next chain is not of the usual shape: it goes alone, below
                     try:
                         chain = pop()
                     except ChainError as err:  # malformed, or with device-writable buffers
@@ -685,9 +785,7 @@ class VirtioNet(VirtioDevice):
                             send(views)
                         except BlockingIOError:
                             queue.undo_pop()  # the tap is full: this chain goes first when it has room
-                            p.tx_blocked = True
-                            p.stats.tx_blocked += 1
-                            self._update_interest(p)
+                            self._tx_block(p)
                             break
                         except OSError as err:
                             self._tx_error(p, length, err)
@@ -698,8 +796,9 @@ class VirtioNet(VirtioDevice):
                     done += 1
                     if not done % PUBLISH_EVERY:
                         queue.publish_used()  # the driver may reuse these while we go on
-                else:  # TX_BATCH frames: let the receiveq have the thread, and come back at once
-                    os.eventfd_write(self.queue_events[qi], 1)
+                else:
+                    if done >= TX_BATCH:  # let the receiveq have the thread, and come back at once
+                        os.eventfd_write(self.queue_events[qi], 1)
                 if queue.next_used != first_used:
                     queue.publish_used()
             except QueueError as err:
@@ -711,6 +810,59 @@ class VirtioNet(VirtioDevice):
                 p.stats.tx_bytes += nbytes - NET_HDR_SIZE * frames
         if queue.needs_notification():
             self.signal_used(qi)
+
+    def _tx_batch(self, p: _Pair, batch) -> tuple[int, int]:
+        """Write a batch of TX chains to the tap, complete them; (frames sent, their bytes).
+
+        The writes are issued in ring order.  One that finds the tap full (EAGAIN: only
+        when its socket buffer is limited) is not lost: its chain waits in `tx_retry`
+        and goes first once the tap has room; the rest of the batch is sent meanwhile.
+        """
+        p.tx_reader.consume(len(batch))
+        results = p.tx_ring.submit_rw(batch.iov_addresses(), batch.counts)
+        again = results == -errno.EAGAIN
+        sent = results >= 0
+        done = ~again
+        if not done.all():
+            whole = self.mem.bytes_view  # the views, rebuilt from the guest addresses
+            host = p.tx_reader.host_base
+            for i in np.flatnonzero(again):
+                views = [whole[int(a) - host : int(a) - host + int(n)] for a, n in batch.iov[i, : batch.counts[i]]]
+                p.tx_retry.append((int(batch.heads[i]), views))
+            self._tx_block(p)
+        failed = done & ~sent
+        if failed.any():
+            for i in np.flatnonzero(failed):
+                err = -int(results[i])
+                self._tx_error(p, int(batch.lengths[i]), OSError(err, os.strerror(err)))
+        p.tx_reader.complete(batch.heads[done], np.zeros(int(done.sum()), dtype=np.uint32))
+        return int(sent.sum()), int(batch.lengths[sent].sum())
+
+    def _tx_retry(self, p: _Pair, queue: Queue) -> tuple[int, int]:
+        """Send the chains a full tap sent back, in order; stop (blocked again) if it is still full."""
+        frames = nbytes = 0
+        while p.tx_retry:
+            head, views = p.tx_retry[0]
+            try:
+                length = p.send(views)
+            except BlockingIOError:
+                self._tx_block(p)
+                break
+            except OSError as err:
+                self._tx_error(p, sum(len(v) for v in views), err)
+            else:
+                frames += 1
+                nbytes += length
+            p.tx_retry.popleft()
+            queue.add_used(head, 0)
+        return frames, nbytes
+
+    def _tx_block(self, p: _Pair) -> None:
+        """The tap is full: wait for EPOLLOUT before sending more (call with p.lock held)."""
+        if not p.tx_blocked:
+            p.tx_blocked = True
+            p.stats.tx_blocked += 1
+            self._update_interest(p)
 
     def _tx_drop(self, p: _Pair, head: int, length: int, writable: bool) -> None:
         """A TX chain that is no frame: completed unsent."""
@@ -748,18 +900,33 @@ class VirtioNet(VirtioDevice):
             first_used = queue.next_used
             need = self._rx_need if self._mrg else 1
             try:
-                for frames in range(1, RX_BATCH + 1):
-                    if p.rx_capacity < need and not self._take_rx_buffers(p, queue):
-                        if not p.rx_waiting:  # back-pressure: leave the frames in the tap
-                            p.rx_waiting = True
-                            p.stats.rx_no_buffers += 1
+                frames = 0
+                while frames < RX_BATCH:
+                    if p.rx_reader is not None and not p.rx_buffers:
+                        got, state = self._rx_batch(p, queue, RX_BATCH - frames)  # (dropped frames count too)
+                        if state == _NO_BUFFERS:
+                            self._rx_wait_for_buffers(p)
+                            break
+                        if p.rx_waiting:
+                            p.rx_waiting = False
                             self._update_interest(p)
+                        if got:
+                            frames += got
+                            queue.publish_used()
+                        if state == _TAP_EMPTY:
+                            break
+                        if state == _MORE:
+                            continue
+                        # the next chain is not of the usual shape: one frame the one-chain way
+                    if p.rx_capacity < need and not self._take_rx_buffers(p, queue):
+                        self._rx_wait_for_buffers(p)
                         break
                     if p.rx_waiting:
                         p.rx_waiting = False
                         self._update_interest(p)
                     if not self._receive(p, queue):
                         break  # the tap is empty
+                    frames += 1
                     if not frames % PUBLISH_EVERY:
                         queue.publish_used()
                 if queue.next_used != first_used:
@@ -772,6 +939,100 @@ class VirtioNet(VirtioDevice):
             self._link_down()
         if queue.needs_notification():
             self.signal_used(qi)
+
+    def _rx_wait_for_buffers(self, p: _Pair) -> None:
+        """Back-pressure: no buffers, so leave the frames in the tap until the driver kicks."""
+        if not p.rx_waiting:
+            p.rx_waiting = True
+            p.stats.rx_no_buffers += 1
+            self._update_interest(p)
+
+    def _rx_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
+        """Read frames into a batch of RX chains (no MRG_RXBUF: a frame per chain); returns
+        (frames received, what next: _MORE, _TAP_EMPTY, _NO_BUFFERS or _UNUSUAL).
+
+        Up to `p.rx_hint` chains of the usual shape are walked together and one readv per
+        chain (into its buffers, then the scratch byte) is submitted in one io_uring_enter; on
+        the non-blocking tap each returns a frame or EAGAIN at once.  The chains that got a
+        frame are completed together (num_buffers 1 in each header); a chain before the last
+        one that got a frame but did not (a frame too big for it, or EAGAIN just before a frame
+        came) is held for the one-chain path, like its chains; those after it stay in the ring.
+        The hint doubles while every read gets a frame and falls back to twice the frames of a
+        batch that emptied the tap, so a trickle does not cost a ring of failed reads.
+        """
+        reader = p.rx_reader
+        limit = min(limit, p.rx_hint)
+        shape = dict(writable=True, min_first=NET_HDR_SIZE, max_buffers=RX_BATCH_BUFFERS)
+        batch = reader.peek(limit, **shape)
+        if batch is None:
+            # Ask for a kick when the driver adds buffers, then look once more (no lost kick).
+            p.rx_kicks_on = True
+            if not queue.enable_notification():
+                return 0, _NO_BUFFERS
+            batch = reader.peek(limit, **shape)
+            if batch is None:
+                return 0, _NO_BUFFERS
+        if p.rx_kicks_on:
+            queue.set_notification(False)
+            p.rx_kicks_on = False
+        count = len(batch)
+        if not count:
+            return 0, _UNUSUAL
+        rows = np.arange(count)
+        batch.iov[rows, batch.counts, 0] = p.scratch_address  # a frame longer than the chain reaches it
+        batch.iov[rows, batch.counts, 1] = 1
+        results = p.rx_ring.submit_rw(batch.iov_addresses(), batch.counts + 1)
+        capacity = batch.lengths
+        got = (results >= NET_HDR_SIZE) & (results <= capacity)
+        empty = results == -errno.EAGAIN
+        dropped = 0
+        if not (got | empty).all():
+            dropped = self._rx_batch_trouble(p, results, capacity)
+        frames = int(got.sum())
+        used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
+        reader.consume(used)
+        if frames != used:  # chains passed over: held, in order, for the one-chain path
+            whole = self.mem.bytes_view
+            host = reader.host_base
+            for i in np.flatnonzero(~got[:used]):
+                views = [whole[int(a) - host : int(a) - host + int(n)] for a, n in batch.iov[i, : batch.counts[i]]]
+                views.append(p.scratch)
+                p.rx_buffers.append((int(batch.heads[i]), views, int(capacity[i]), int(batch.counts[i])))
+                p.rx_capacity += int(capacity[i])
+                p.rx_descriptors += int(batch.counts[i])
+        if frames:
+            first = batch.first[got]
+            reader.write_u16(first + np.uint64(NUM_BUFFERS_OFFSET), 1)
+            if not self._guest_csum:
+                reader.write_u8(first, 0)
+            lengths = results[got]
+            reader.complete(batch.heads[got], lengths)
+            p.stats.rx_frames += frames
+            p.stats.rx_bytes += int(lengths.sum()) - NET_HDR_SIZE * frames
+        if p.tap_gone or empty.any() or dropped < 0:
+            p.rx_hint = max(RX_HINT_MIN, min(2 * frames, BATCH_RING_ENTRIES))
+            return frames + max(dropped, 0), _TAP_EMPTY
+        p.rx_hint = min(2 * p.rx_hint, BATCH_RING_ENTRIES)
+        return frames + dropped, _MORE
+
+    def _rx_batch_trouble(self, p: _Pair, results: np.ndarray, capacity: np.ndarray) -> int:
+        """The reads of a batch that got neither a frame that fits nor EAGAIN: the frames
+        dropped, or -1 if a read failed (the tap is not read further in this wake-up)."""
+        if (results == 0).any():  # end of file: a socket backend closed (a tap frame has its header)
+            self._mark_tap_gone(p)
+        bad = (results > capacity) | ((results > 0) & (results < NET_HDR_SIZE))
+        if bad.any():
+            p.stats.rx_truncated += int(bad.sum())
+            self._tap_error(
+                "%s: a frame from tap %s did not fit the %d bytes of a receive chain: dropped",
+                self.name, self.tap.name, int(capacity[np.flatnonzero(bad)[0]]),
+            )
+        errors = (results < 0) & (results != -errno.EAGAIN)
+        if errors.any():
+            err = -int(results[np.flatnonzero(errors)[0]])
+            self._tap_error("%s: reading tap %s: %s", self.name, self.tap.name, os.strerror(err))
+            return -1
+        return -1 if p.tap_gone else int(bad.sum())
 
     def _take_rx_buffers(self, p: _Pair, queue: Queue) -> bool:
         """Pop chains until a frame surely fits (or the ring is empty); False if there are none."""

@@ -406,6 +406,20 @@ class Queue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
         self._pending += 1
 
+    def skip(self, count: int) -> None:
+        """Take the next `count` available chains without walking them here (a batch walk,
+        virtio/batch.py, has): they are the device's, to complete like popped ones."""
+        if not 0 <= count <= self._pending:
+            raise ValueError(f"skip {count}: only {self._pending} chains are known to be available")
+        self.next_avail = (self.next_avail + count) & 0xFFFF
+        self._pending -= count
+
+    def ring_offsets(self) -> tuple[int, int, int]:
+        """Offsets in `mem.buffer` of the descriptor table, available ring and used ring (ready only)."""
+        if not self._ready:
+            raise QueueError("ring_offsets of a queue that is not ready")
+        return self._desc_off, self._avail_off, self._used_off
+
     def drain(self, on_error: Callable[[ChainError], None] | None = None) -> Iterator[DescriptorChain]:
         """Yield every available chain, then leave driver notifications enabled.
 

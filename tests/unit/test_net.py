@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -105,8 +106,11 @@ class FakeTap:
     a read into short buffers cuts the frame like a tap does, a full peer answers EAGAIN (after
     net.unix.max_dgram_qlen frames).  The test holds the host ends."""
 
-    def __init__(self, queues=1, name="fake0", *, sndbuf=None):
+    def __init__(self, queues=1, name="fake0", *, sndbuf=None, direct=False):
         self.name = name
+        # direct: the device may submit reads and writes on our fds itself (io_uring), past
+        # readv / writev (and so past write_error and the reads count)
+        self.direct_fds = direct
         self.queues = queues
         self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(queues)]
         for dev_end, host_end in self.pairs:
@@ -332,12 +336,13 @@ def frame_of(total_len, seed=0):
     return eth_frame(payload(total_len - 14, seed), dst=MAC, src=HOST_MAC)
 
 
-@pytest.fixture
-def make_dev(mem):
+@pytest.fixture(params=[False, True], ids=["one-by-one", "batches"])
+def make_dev(mem, request):
     devices = []
+    direct = getattr(request, "param", False)
 
     def make(*, queue_pairs=1, tap=None, io_threads=False, queue_size=256, **kwargs):
-        tap = tap or FakeTap(queue_pairs)
+        tap = tap or FakeTap(queue_pairs, direct=direct)
         dev = VirtioNet(
             mem, tap, mac=MAC, queue_pairs=queue_pairs, queue_size=queue_size, io_threads=io_threads, **kwargs
         )
@@ -522,7 +527,10 @@ def test_tx_malformed_chain_is_returned(drv, dev):
     assert len(dev.tap.received()) == 1
 
 
-def test_tx_refused_by_the_tap_is_counted_and_completed(drv, dev):
+def test_tx_refused_by_the_tap_is_counted_and_completed(make_dev, mem):
+    dev = make_dev(tap=FakeTap())  # one frame at a time: through writev, where the error is made
+    drv = Driver(mem, dev)
+    assert drv.negotiate()
     dev.tap.write_error = errno.EINVAL  # what the kernel says of a nonsense gso_type
     head = drv.send(hdr(0, 0x33) + frame_of(100))
     dev.process_tx(0)
@@ -533,6 +541,21 @@ def test_tx_refused_by_the_tap_is_counted_and_completed(drv, dev):
     dev.process_tx(0)
     assert drv.txq().used_entries() == [(head, 0)]
     assert len(dev.tap.received()) == 1
+
+
+def test_tx_refused_in_a_batch_is_counted_and_completed(make_dev, mem):
+    """The batch path: the kernel refuses the writes (here EPIPE: the peer is gone); every chain
+    is completed, every refusal counted, nothing is sent or retried."""
+    dev = make_dev(tap=FakeTap(direct=True))
+    drv = Driver(mem, dev)
+    assert drv.negotiate()
+    dev.tap.host().shutdown(socket.SHUT_RD)
+    heads = [drv.send(hdr() + frame_of(100 + i)) for i in range(5)]
+    dev.process_tx(0)
+    assert drv.txq().used_entries() == [(h, 0) for h in heads]
+    stats = dev.stats()
+    assert (stats.tx_errors, stats.tx_frames, stats.tx_blocked) == (5, 0, 0)
+    assert dev.pair_state(0).tx_retry == deque()
 
 
 def test_tx_back_pressure(make_dev, mem):

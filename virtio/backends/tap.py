@@ -132,10 +132,15 @@ class NetBackend(Protocol):
     12-byte header through `readv(i, views)` (the bytes stored, at most the
     views' total: a longer frame is cut; raises BlockingIOError when empty) and `writev(i, views)` (BlockingIOError when
     full; OSError when the kernel rejects the frame).
+
+    `direct_fds`: True when fileno(i) is itself what readv / writev use (a
+    non-blocking fd, one frame per call), so a device may hand many reads and
+    writes on it to the kernel at once (io_uring) instead of calling these.
     """
 
     name: str
     queues: int
+    direct_fds: bool
 
     def fileno(self, index: int = 0) -> int: ...
 
@@ -160,6 +165,8 @@ class NetBackend(Protocol):
 
 class Tap:
     """An open tap interface: `queues` file descriptors, one per queue."""
+
+    direct_fds = True  # readv / writev are os.readv / os.writev on fileno(i)
 
     def __init__(self, name: str, fds: list[int], vnet_hdr_size: int):
         self.name = name

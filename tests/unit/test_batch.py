@@ -1,0 +1,221 @@
+"""virtio/batch.py: the numpy walk of many chains at once, against the one-chain walk.
+
+The property test gives BatchReader.peek() the same random hostile rings as
+tests/unit/test_queue_fuzz.py and checks that every chain it takes is one that
+Queue.pop() accepts, going the asked way, with iovec entries at exactly that
+chain's buffers; the examples check that a well-behaved driver's chains are all
+taken and that complete() writes the used ring as add_used() would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from tests.support.mockqueue import Buf, MockSplitQueue
+from tests.unit.test_queue_fuzz import FUZZ, HI, REGION, clear, memories, overlapping, scenario, write_scenario  # noqa: F401
+from virtio.batch import MAX_BATCH_DESCRIPTORS, BatchReader
+from virtio.queue import ChainError, QueueError
+
+KiB = 1024
+
+
+def host_base(mem) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(mem.buffer))
+
+
+@settings(FUZZ, max_examples=1000)
+@given(s=scenario(), writable=st.booleans(), limit=st.integers(1, 16))
+def test_peek_takes_only_chains_pop_accepts(memories, s, writable, limit):
+    kind, size = s["kind"], s["size"]
+    mem = memories[kind]
+    clear(mem, kind)
+    mq = write_scenario(mem, s)
+    if mq is None or s["desc"] % 16 or s["avail"] % 2 or s["used"] % 4 or overlapping(s):
+        return
+    q = mq.create_queue(16, event_idx=s["event_idx"], indirect=s["indirect"])
+    full = mq.create_queue(16, event_idx=s["event_idx"], indirect=s["indirect"])  # reads only
+    reader = BatchReader(q)
+    try:
+        if (s["avail_idx"] - s["start"]) & 0xFFFF > size:
+            with pytest.raises(QueueError):
+                reader.peek(limit, writable=writable)
+            return
+        before = bytes(mem.buffer)
+        batch = reader.peek(limit, writable=writable)
+        if batch is None:
+            assert full.pop() is None
+            return
+        base = host_base(mem)
+        for i in range(len(batch)):
+            chain = full.pop()  # raises ChainError if the batch took a bad chain
+            ranges = chain.writable if writable else chain.readable
+            assert not (chain.readable if writable else chain.writable)
+            assert batch.heads[i] == chain.head
+            count = int(batch.counts[i])
+            assert [(int(a) - base, int(n)) for a, n in batch.iov[i, :count]] == [(mem.offset(g, n), n) for g, n in ranges]
+            assert batch.lengths[i] == sum(n for _, n in ranges)
+            assert batch.first[i] == ranges[0][0]
+        event(f"took {len(batch)} of {min(limit, (s['avail_idx'] - s['start']) & 0xFFFF)}")
+        reader.consume(len(batch))
+        assert q.next_avail == full.next_avail
+        assert bytes(mem.buffer) == before
+    except ChainError as err:
+        pytest.fail(f"the batch took a chain pop() rejects: {err}")
+    finally:
+        reader.close()
+
+
+@given(
+    chains=st.lists(
+        st.tuples(st.sampled_from(["direct", "indirect"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
+        min_size=1,
+        max_size=8,
+    ),
+    start=st.one_of(st.integers(65528, 65535), st.integers(0, 0xFFFF)),
+    writable=st.booleans(),
+)
+@FUZZ
+def test_well_behaved_chains_are_all_taken_and_completed(memories, chains, start, writable):
+    """Every one-way chain of a well-behaved driver (low RAM, direct or one aligned indirect
+    table) is taken; complete() writes what add_used() would, in order."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 32, base=REGION - 8 * KiB, data_base=0x4000, start_idx=start)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    expected = []
+    for style, lengths in chains:
+        bufs = [Buf(mq.alloc(n), n, writable) for n in lengths]
+        head = mq.add_chain(bufs) if style == "direct" else mq.add_indirect_chain(bufs)
+        expected.append((head, bufs))
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(32, writable=writable)
+        assert len(batch) == len(chains)
+        base = host_base(mem)
+        for i, (head, bufs) in enumerate(expected):
+            assert batch.heads[i] == head
+            assert [(int(a) - base, int(n)) for a, n in batch.iov[i, : batch.counts[i]]] == [(b.addr, b.length) for b in bufs]
+        # the other way: nothing taken
+        assert len(reader.peek(32, writable=not writable)) == 0
+        reader.consume(len(batch))
+        reader.complete(batch.heads, batch.lengths)
+        q.publish_used()
+        assert mq.used_entries() == [(head, sum(b.length for b in bufs)) for head, bufs in expected]
+        assert q.next_avail == q.next_used == (start + len(chains)) & 0xFFFF
+        assert reader.peek(32, writable=writable) is None
+    finally:
+        reader.close()
+
+
+@settings(FUZZ, max_examples=600)
+@given(
+    chains=st.lists(
+        st.tuples(st.sampled_from(["direct", "indirect"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
+        min_size=1,
+        max_size=6,
+    ),
+    writable=st.booleans(),
+    target=st.integers(0, 63),
+    field=st.sampled_from(["addr", "len", "flags", "next", "head"]),
+    value=st.one_of(
+        st.integers(0, 40),
+        st.sampled_from([16, 4096, REGION - 1, REGION, HI, 2**32 - 1, 2**63, 2**64 - 1]),
+        st.integers(0, 2**64 - 1),
+    ),
+)
+def test_one_corrupted_field_never_gets_a_bad_chain_taken(memories, chains, writable, target, field, value):
+    """A well-behaved ring with one descriptor field (direct or in an indirect table) or one
+    available-ring entry overwritten: whatever peek() takes, pop() accepts, at the same buffers."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 32, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    full = mq.create_queue(event_idx=True, indirect=True)
+    for style, lengths in chains:
+        bufs = [Buf(mq.alloc(n), n, writable) for n in lengths]
+        if style == "direct":
+            mq.add_chain(bufs)
+        else:
+            mq.add_indirect_chain(bufs)
+    if field == "head":
+        mq.set_avail_entry(target % len(chains), value & 0xFFFF)
+    else:
+        a, n, f, nx = mq.read_desc(target % 32)
+        if f & 4 and target % 2:  # now and then, inside the indirect table that descriptor points at
+            table, index = a, target % max(1, n // 16)
+            a, n, f, nx = mq.read_desc(index, table=table)
+        else:
+            table, index = None, target % 32
+        new = {"addr": (value, n, f, nx), "len": (a, value & 0xFFFFFFFF, f, nx), "flags": (a, n, value & 0xFFFF, nx),
+               "next": (a, n, f, value & 0xFFFF)}[field]
+        mq.write_desc(index, *new, table=table)
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(32, writable=writable)
+        base = host_base(mem)
+        for i in range(len(batch)):
+            try:
+                chain = full.pop()
+            except ChainError as err:
+                pytest.fail(f"the batch took chain {batch.heads[i]}, which pop() rejects: {err}")
+            ranges = chain.writable if writable else chain.readable
+            assert not (chain.readable if writable else chain.writable)
+            assert batch.heads[i] == chain.head
+            assert [(int(a) - base, int(n)) for a, n in batch.iov[i, : batch.counts[i]]] == [
+                (mem.offset(g, n), n) for g, n in ranges
+            ]
+        event(f"took {len(batch)} of {len(chains)}")
+    finally:
+        reader.close()
+
+
+def test_long_chains_and_high_ram_are_left_to_the_one_chain_walk(memories):
+    """A chain longer than MAX_BATCH_DESCRIPTORS, or with a buffer above the 4 GiB hole, ends
+    the batch: pop_buffers() serves it (it is valid)."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 64, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    mq.add_chain([Buf(mq.alloc(10), 10, False)])
+    mq.add_indirect_chain([Buf(mq.alloc(4), 4, False) for _ in range(MAX_BATCH_DESCRIPTORS + 1)])
+    mq.add_chain([Buf(HI + 0x100, 10, False)])
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(8, writable=False)
+        assert len(batch) == 1
+        reader.consume(1)
+        assert len(reader.peek(8, writable=False)) == 0
+        head, views, length, writable, _ = q.pop_buffers()
+        assert (len(views), length, writable) == (MAX_BATCH_DESCRIPTORS + 1, 4 * (MAX_BATCH_DESCRIPTORS + 1), False)
+        assert len(reader.peek(8, writable=False)) == 0
+        assert q.pop_buffers()[2] == 10
+        assert reader.peek(8, writable=False) is None
+    finally:
+        reader.close()
+
+
+def test_device_limits_end_the_batch(memories):
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 16, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    mq.add_chain([Buf(mq.alloc(12), 12, True), Buf(mq.alloc(100), 100, True)])
+    mq.add_chain([Buf(mq.alloc(8), 8, True), Buf(mq.alloc(100), 100, True)])  # first buffer too short
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(8, writable=True, min_first=12)
+        assert len(batch) == 1 and batch.lengths[0] == 112
+        assert len(reader.peek(8, writable=True, min_length=200)) == 0
+        assert len(reader.peek(8, writable=True, max_length=100)) == 0
+        assert len(reader.peek(8, writable=True, max_buffers=1)) == 0
+        assert len(reader.peek(8, writable=True)) == 2
+        addresses = batch.first + np.uint64(10)
+        reader.write_u16(addresses, 0x1234)
+        assert mem.read(int(batch.first[0]) + 10, 2) == b"\x34\x12"
+    finally:
+        reader.close()

@@ -1,0 +1,212 @@
+"""Many available chains walked at once: a split virtqueue's batch path, in numpy.
+
+`Queue.pop_buffers()` walks one chain per call; a device that moves small
+frames spends most of its time in that walk.  `BatchReader.peek(n, ...)` walks
+the next n available chains together, one numpy operation per step of the
+chains instead of a Python loop per descriptor, and returns their buffers as
+an iovec array (`struct iovec`: host address, length), ready for the kernel:
+each row is one chain's readv or writev (see vmm/io_uring.py).  `complete()`
+then writes their used elements in one operation.
+
+The same rules as Queue._read_chain, checked column-wise on every chain (the
+guest is hostile):
+  * the head and every `next` below the table's size (the queue's, or an
+    indirect table's), at most that many descriptors per chain (no loops);
+  * an indirect head has exactly VIRTQ_DESC_F_INDIRECT, the feature was
+    negotiated, its table is a non-zero multiple of 16 bytes up to
+    MAX_INDIRECT_LEN, in RAM; its descriptors are not indirect;
+  * every buffer non-empty and wholly in RAM;
+  * the chain goes one way (all device-readable, or all device-writable).
+Only the usual shape is taken here: direct chains or one 16-byte aligned
+indirect table, buffers in the RAM below `GuestMemory.direct_limit` (where a
+guest address is the offset in the mapping), at most MAX_BATCH_DESCRIPTORS
+per chain, and the device's own limits (total length, first buffer, iovec
+entries).  `peek` returns the longest *prefix* of chains that are all of that
+shape; the device hands the chain after it to the one-at-a-time path
+(pop_buffers), which either serves an unusual but valid chain or says what is
+wrong with a bad one.  So every rule still lives in queue.py, and this module
+only ever says "usual" for chains the full walk would accept.
+
+Guest memory is read once per descriptor into our arrays; the iovecs are built
+from those copies, so a driver that rewrites a descriptor after the check
+cannot steer the kernel anywhere but where the check allowed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from .queue import (
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    MAX_INDIRECT_LEN,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    Queue,
+)
+
+# struct virtq_desc (2.7.5)
+VIRTQ_DESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+assert VIRTQ_DESC.itemsize == DESC_SIZE
+# Chains with more descriptors than this go the one-at-a-time way (a frame is rarely over 3).
+MAX_BATCH_DESCRIPTORS = 20
+MAX_BATCH = 1024  # chains per peek
+
+
+@dataclass
+class Batch:
+    """The next `len(heads)` available chains, all of the usual shape (see the module)."""
+
+    heads: np.ndarray  # descriptor-table index of each chain's head
+    iov: np.ndarray  # (chains, MAX_BATCH_DESCRIPTORS, 2) uint64: host address, length per buffer
+    counts: np.ndarray  # buffers per chain (the first counts[i] iovec entries of row i)
+    lengths: np.ndarray  # total bytes per chain
+    first: np.ndarray  # guest address of each chain's first buffer
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def iov_addresses(self) -> np.ndarray:
+        """The host address of each chain's iovec row (an SQE's addr)."""
+        return self.iov.ctypes.data + np.arange(len(self.heads), dtype=np.uint64) * np.uint64(self.iov.strides[0])
+
+
+class BatchReader:
+    """Batch access to one ready queue (built after the driver set it ready; close() before
+    the guest memory goes).  Not thread-safe: the queue's worker owns it, as it owns the queue."""
+
+    def __init__(self, queue: Queue):
+        if not queue.ready:
+            raise ValueError("BatchReader on a queue that is not ready")
+        mem = queue.mem
+        buf = mem.buffer
+        self.queue = queue
+        self.direct = mem.direct_limit - mem.direct_limit % DESC_SIZE
+        self.host_base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        size = queue.size
+        self._mask = size - 1
+        # The whole mapping as descriptors (an indirect table at a 16-aligned guest address below
+        # direct is rows addr/16...), as bytes, and the queue's rings.
+        self._ram = np.frombuffer(buf, dtype=VIRTQ_DESC, count=len(buf) // DESC_SIZE)
+        self._bytes = np.frombuffer(buf, dtype=np.uint8)
+        desc_off, avail_off, used_off = queue.ring_offsets()
+        # The descriptor table is 16-aligned in guest memory; in the mapping too, unless a
+        # region's offset is odd (never, but then nothing is taken here).
+        self._table = desc_off // DESC_SIZE if desc_off % DESC_SIZE == 0 else None
+        self._avail = np.frombuffer(buf, dtype="<u2", count=size, offset=avail_off + 4)
+        self._used = np.frombuffer(buf, dtype="<u4", count=2 * size, offset=used_off + 4).reshape(size, 2)
+        self._arange = np.arange(MAX_BATCH, dtype=np.int64)
+        self._iov = np.zeros((MAX_BATCH, MAX_BATCH_DESCRIPTORS, 2), dtype=np.uint64)
+
+    def close(self) -> None:
+        self._ram = self._bytes = self._avail = self._used = None
+
+    def peek(
+        self,
+        limit: int,
+        *,
+        writable: bool,
+        min_length: int = 1,
+        max_length: int = MAX_CHAIN_BYTES,
+        min_first: int = 1,
+        max_buffers: int = MAX_BATCH_DESCRIPTORS,
+    ) -> Batch | None:
+        """Walk up to `limit` available chains (not consuming them); the longest prefix that is
+        of the usual shape, one way (`writable`), with min_length..max_length bytes in all, a
+        first buffer of min_first bytes or more, and at most max_buffers buffers.  None when no
+        chain is available; an empty Batch when the first chain is not of that shape.  Raises
+        QueueError for a broken available ring (as Queue.available does)."""
+        queue = self.queue
+        n = min(limit, queue.available(), MAX_BATCH)
+        if n == 0:
+            return None
+        size = queue.size
+        direct = self.direct
+        rows = self._arange[:n]
+        heads = self._avail[(queue.next_avail + rows) & self._mask].astype(np.int64)
+        ok = heads < size
+        if self._table is None:
+            ok[:] = False
+        base = np.full(n, self._table or 0, dtype=np.int64)
+        limits = np.full(n, size, dtype=np.int64)
+        index = np.where(ok, heads, 0)
+        d = self._ram[base + index]
+        flags, addr, length = d["flags"], d["addr"], d["len"]
+
+        indirect = (flags & VIRTQ_DESC_F_INDIRECT) != 0
+        if indirect.any():
+            table_ok = (
+                (flags == VIRTQ_DESC_F_INDIRECT)
+                & queue.indirect
+                & (length > 0)
+                & (length <= MAX_INDIRECT_LEN)
+                & (length % DESC_SIZE == 0)
+                & (addr % DESC_SIZE == 0)
+                & (addr < direct)
+                & (length <= direct - addr)
+            )
+            ok &= ~indirect | table_ok
+            use = indirect & ok
+            base = np.where(use, (addr // DESC_SIZE).astype(np.int64), base)
+            limits = np.where(use, (length // DESC_SIZE).astype(np.int64), limits)
+            index = np.where(use, 0, index)
+            d = self._ram[base + index]
+            flags, addr, length = d["flags"], d["addr"], d["len"]
+
+        way = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT if writable else VIRTQ_DESC_F_NEXT
+        iov = self._iov[:n]
+        counts = np.zeros(n, dtype=np.int64)
+        lengths = np.zeros(n, dtype=np.int64)
+        first_addr = addr.copy()
+        first_len = length.astype(np.int64)
+        active = ok.copy()
+        for k in range(MAX_BATCH_DESCRIPTORS):
+            good = ((flags | VIRTQ_DESC_F_NEXT) == way) & (length > 0) & (addr < direct) & (length <= direct - addr)
+            ok &= good | ~active
+            active &= good
+            iov[:, k, 0] = addr + self.host_base
+            iov[:, k, 1] = length
+            counts += active
+            lengths += np.where(active, length, 0)
+            active &= (flags & VIRTQ_DESC_F_NEXT) != 0
+            if not active.any():
+                break
+            nxt = d["next"].astype(np.int64)
+            bad = active & ((nxt >= limits) | (counts >= limits))  # a bad next, or a loop
+            ok &= ~bad
+            active &= ~bad
+            index = np.where(active, nxt, 0)
+            d = self._ram[base + index]
+            flags, addr, length = d["flags"], d["addr"], d["len"]
+        else:
+            ok &= ~active  # longer than we take here
+        ok &= (lengths >= min_length) & (lengths <= max_length) & (first_len >= min_first) & (counts <= max_buffers)
+        m = n if ok.all() else int(np.argmin(ok))
+        return Batch(heads[:m], iov[:m], counts[:m], lengths[:m], first_addr[:m])
+
+    def consume(self, count: int) -> None:
+        """The next `count` chains (a peeked prefix) are the device's now."""
+        self.queue.skip(count)
+
+    def complete(self, heads: np.ndarray, lengths: np.ndarray) -> None:
+        """Used elements (head, bytes written) for these chains, in order; used.idx is not
+        written (Queue.publish_used)."""
+        queue = self.queue
+        count = len(heads)
+        slots = (queue.next_used + self._arange[:count]) & self._mask
+        self._used[slots, 0] = heads
+        self._used[slots, 1] = lengths
+        queue.next_used = (queue.next_used + count) & 0xFFFF
+
+    def write_u16(self, addresses: np.ndarray, value: int) -> None:
+        """Store a little-endian 16-bit `value` at each guest address (below direct, checked by
+        peek: a chain's first buffer with room for it)."""
+        self._bytes[addresses] = value & 0xFF
+        self._bytes[addresses + 1] = value >> 8
+
+    def write_u8(self, addresses: np.ndarray, value: int) -> None:
+        self._bytes[addresses] = value
