@@ -219,7 +219,7 @@ MAX_BUFFER = NET_HDR_SIZE + MAX_FRAME
 MAX_QUEUE_PAIRS = 64
 MAX_CTRL_BYTES = 1 << 20  # a control command bigger than this (a huge MAC table) is refused
 # Frames per wake-up before going back to epoll (the other queue of the pair gets its turn).
-RX_BATCH = 128
+RX_BATCH = 256
 TX_BATCH = 256
 # used.idx is written every this many chains within a batch, not only at its end: the driver can
 # refill the ring while the device works through it, so a busy queue does not run dry and sleep.
