@@ -188,6 +188,11 @@ class BatchReader:
         m = n if ok.all() else int(np.argmin(ok))
         return Batch(heads[:m], iov[:m], counts[:m], lengths[:m], first_addr[:m])
 
+    def views(self, batch: Batch, row: int) -> list[memoryview]:
+        """Chain `row` of a batch as memoryviews of guest RAM (for the one-chain path's readv / writev)."""
+        whole, host = self.queue.mem.bytes_view, self.host_base
+        return [whole[int(a) - host : int(a) - host + int(n)] for a, n in batch.iov[row, : batch.counts[row]]]
+
     def consume(self, count: int) -> None:
         """The next `count` chains (a peeked prefix) are the device's now."""
         self.queue.skip(count)

@@ -824,11 +824,8 @@ class VirtioNet(VirtioDevice):
         sent = results >= 0
         done = ~again
         if not done.all():
-            whole = self.mem.bytes_view  # the views, rebuilt from the guest addresses
-            host = p.tx_reader.host_base
             for i in np.flatnonzero(again):
-                views = [whole[int(a) - host : int(a) - host + int(n)] for a, n in batch.iov[i, : batch.counts[i]]]
-                p.tx_retry.append((int(batch.heads[i]), views))
+                p.tx_retry.append((int(batch.heads[i]), p.tx_reader.views(batch, i)))
             self._tx_block(p)
         failed = done & ~sent
         if failed.any():
@@ -992,11 +989,8 @@ class VirtioNet(VirtioDevice):
         used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
         reader.consume(used)
         if frames != used:  # chains passed over: held, in order, for the one-chain path
-            whole = self.mem.bytes_view
-            host = reader.host_base
             for i in np.flatnonzero(~got[:used]):
-                views = [whole[int(a) - host : int(a) - host + int(n)] for a, n in batch.iov[i, : batch.counts[i]]]
-                views.append(p.scratch)
+                views = reader.views(batch, i) + [p.scratch]
                 p.rx_buffers.append((int(batch.heads[i]), views, int(capacity[i]), int(batch.counts[i])))
                 p.rx_capacity += int(capacity[i])
                 p.rx_descriptors += int(batch.counts[i])
