@@ -16,10 +16,12 @@ are written before the SQ tail that publishes them, the CQEs read after the CQ
 tail that says they are there.
 
 Here SQ slot i always names SQE i (the index array is filled once), so the
-entries a batch uses are consecutive in the SQE array except where the ring
-wraps, and a ring does one kind of request on one file (`prefill`), so a batch
-writes three columns: the iovec's address, its length, and the row number
-(user_data) by which each completion finds its request.
+entries a batch uses are consecutive in the SQE array (in two runs where the
+ring wraps), and a ring does one kind of request on one file (`prefill`), so a
+batch writes three columns: the iovec's address, its length, and the row number
+(user_data) by which each completion finds its request.  That file is
+registered with the ring (IORING_REGISTER_FILES): the kernel looks it up once,
+not once per request.
 
 Devices use it to move a whole virtqueue batch with one system call: each SQE
 is a readv or writev whose iovec points straight into guest memory, so the
@@ -41,6 +43,7 @@ import numpy as np
 # <asm/unistd_64.h>
 NR_IO_URING_SETUP = 425
 NR_IO_URING_ENTER = 426
+NR_IO_URING_REGISTER = 427
 
 # struct io_uring_params offsets for mmap
 IORING_OFF_SQ_RING = 0
@@ -53,6 +56,13 @@ IORING_FEAT_NODROP = 1 << 1
 
 # io_uring_enter flags
 IORING_ENTER_GETEVENTS = 1 << 0
+
+# io_uring_register opcodes
+IORING_REGISTER_FILES = 2
+IORING_UNREGISTER_FILES = 3
+
+# io_uring_sqe.flags
+IOSQE_FIXED_FILE = 1 << 0  # fd is an index into the ring's registered files
 
 # enum io_uring_op
 IORING_OP_NOP = 0
@@ -167,6 +177,8 @@ class IoUring:
             self.close()
             raise
         self._tail = int(self._sq_tail[0])  # ours: the next SQ slot to fill
+        self._registered = False
+        self._rows = np.arange(self.sq_entries, dtype=np.uint64)
 
     def _map(self, size: int, offset: int) -> mmap.mmap:
         m = mmap.mmap(self.fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -181,10 +193,18 @@ class IoUring:
 
         RWF_NOWAIT by default: a read of an empty tap, or a write to a full one, completes at
         once with -EAGAIN.  (io_uring ignores a file's O_NONBLOCK where the file can be polled:
-        without the flag such a request would wait, armed on the file's poll, for a frame.)"""
+        without the flag such a request would wait, armed on the file's poll, for a frame.)
+
+        `fd` becomes the ring's one registered file (the ring holds the file until close() or
+        the next prefill)."""
+        self._unregister()
+        files = (ctypes.c_int32 * 1)(fd)
+        _check(_syscall(NR_IO_URING_REGISTER, self.fd, IORING_REGISTER_FILES, files, 1), "IORING_REGISTER_FILES")
+        self._registered = True
         self.sqes[:] = np.zeros((), dtype=SQE)
         self.sqes["opcode"] = opcode
-        self.sqes["fd"] = fd
+        self.sqes["flags"] = IOSQE_FIXED_FILE
+        self.sqes["fd"] = 0
         self.sqes["off"] = position
         self.sqes["rw_flags"] = rw_flags
 
@@ -198,12 +218,15 @@ class IoUring:
         results = np.empty(count, dtype=np.int64)
         done = 0
         while done < count:
-            n = self._free_run(count - done)
+            n = min(count - done, self.sq_entries - ((self._tail - int(self._sq_head[0])) & 0xFFFFFFFF))
             start = self._tail & self._sq_mask
-            sqes = self.sqes[start : start + n]
-            sqes["addr"] = addrs[done : done + n]
-            sqes["len"] = lengths[done : done + n]
-            sqes["user_data"] = np.arange(done, done + n, dtype=np.uint64)
+            first = min(n, self.sq_entries - start)  # the SQEs up to the end of the array, then from 0
+            for sqes, rows in ((self.sqes[start : start + first], slice(0, first)),
+                               (self.sqes[: n - first], slice(first, n))):
+                if len(sqes):
+                    sqes["addr"] = addrs[done:][rows]
+                    sqes["len"] = lengths[done:][rows]
+                    sqes["user_data"] = self._rows[rows]  # which of these n requests
             self._submit(n, n)
             got = 0
             while got < n:
@@ -211,17 +234,11 @@ class IoUring:
                 if not len(cqes):
                     self._submit(0, n - got)  # (not reached with RWF_NOWAIT) wait for the rest
                     continue
-                results[cqes["user_data"].astype(np.int64)] = cqes["res"]
+                results[done + cqes["user_data"].astype(np.int64)] = cqes["res"]
                 got += len(cqes)
                 self.consume(len(cqes))
             done += n
         return results
-
-    def _free_run(self, count: int) -> int:
-        """How many of `count` SQEs can be filled now, consecutive in the SQE array."""
-        free = self.sq_entries - ((self._tail - int(self._sq_head[0])) & 0xFFFFFFFF)
-        to_end = self.sq_entries - (self._tail & self._sq_mask)
-        return min(count, free, to_end)
 
     def _submit(self, count: int, wait: int) -> int:
         """Publish `count` filled SQEs and enter the kernel: submit them, and wait until `wait`
@@ -250,7 +267,15 @@ class IoUring:
     def consume(self, count: int) -> None:
         self._cq_head[0] = (int(self._cq_head[0]) + count) & 0xFFFFFFFF
 
+    def _unregister(self) -> None:
+        """Give the registered file back now (the kernel would at the ring's exit, later)."""
+        if self._registered:
+            self._registered = False
+            _check(_syscall(NR_IO_URING_REGISTER, self.fd, IORING_UNREGISTER_FILES, None, 0), "IORING_UNREGISTER_FILES")
+
     def close(self) -> None:
+        if self.fd >= 0:
+            self._unregister()
         self.sqes = self.cqes = None
         self._sq_head = self._sq_tail = self._cq_head = self._cq_tail = None
         for m in self._maps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 
 import numpy as np
@@ -75,3 +76,36 @@ def test_errors_come_back_per_request(pair):
         assert list(ring.submit_rw(addrs, counts)) == [-errno.EPIPE, -errno.EPIPE]
     finally:
         ring.close()
+
+
+def test_batches_that_wrap_the_ring_keep_row_order(pair):
+    a, b = pair
+    ring = IoUring(4)
+    try:
+        ring.prefill(IORING_OP_WRITEV, a.fileno())
+        sent = []
+        for batch in range(5):  # 3 rows a batch on 4 slots: most batches wrap the SQE array
+            rows = [[bytearray(b"b%dr%d" % (batch, i))] for i in range(3)]
+            iov, addrs, counts = iovecs(rows)
+            assert list(ring.submit_rw(addrs, counts)) == [len(r[0]) for r in rows]
+            sent += [bytes(r[0]) for r in rows]
+        assert [b.recv(100) for _ in sent] == sent
+    finally:
+        ring.close()
+
+
+def test_the_registered_file_is_held_until_close(pair):
+    """prefill registers the file with the ring: the requests work after the caller closed its
+    fd, and close() gives the file back (the peer then sees the end)."""
+    a, b = pair
+    ring = IoUring(4)
+    fd = os.dup(a.fileno())
+    ring.prefill(IORING_OP_WRITEV, fd)
+    os.close(fd)
+    a.close()  # no fd of ours is left on this end: only the ring holds it
+    rows = [[bytearray(b"still")]]
+    iov, addrs, counts = iovecs(rows)
+    assert list(ring.submit_rw(addrs, counts)) == [5]
+    assert b.recv(100) == b"still"
+    ring.close()
+    assert b.recv(100) == b""  # the last reference went with the ring
