@@ -55,6 +55,9 @@ assert VIRTQ_DESC.itemsize == DESC_SIZE
 # Chains with more descriptors than this go the one-at-a-time way (a frame is rarely over 3).
 MAX_BATCH_DESCRIPTORS = 20
 MAX_BATCH = 1024  # chains per peek
+# as numpy scalars of the fields' types (an operation with a Python int costs more)
+_ONE = np.uint64(1)
+_F_NEXT, _F_WRITE, _F_INDIRECT = (np.uint16(f) for f in (VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT))
 
 
 @dataclass
@@ -66,13 +69,10 @@ class Batch:
     counts: np.ndarray  # buffers per chain (the first counts[i] iovec entries of row i)
     lengths: np.ndarray  # total bytes per chain
     first: np.ndarray  # guest address of each chain's first buffer
+    iov_addresses: np.ndarray  # host address of each chain's iovec row (an SQE's addr)
 
     def __len__(self) -> int:
         return len(self.heads)
-
-    def iov_addresses(self) -> np.ndarray:
-        """The host address of each chain's iovec row (an SQE's addr)."""
-        return self.iov.ctypes.data + np.arange(len(self.heads), dtype=np.uint64) * np.uint64(self.iov.strides[0])
 
 
 class BatchReader:
@@ -86,6 +86,7 @@ class BatchReader:
         buf = mem.buffer
         self.queue = queue
         self.direct = mem.direct_limit - mem.direct_limit % DESC_SIZE
+        self._direct = np.uint64(self.direct)
         self.host_base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         size = queue.size
         self._mask = size - 1
@@ -99,8 +100,13 @@ class BatchReader:
         self._table = desc_off // DESC_SIZE if desc_off % DESC_SIZE == 0 else None
         self._avail = np.frombuffer(buf, dtype="<u2", count=size, offset=avail_off + 4)
         self._used = np.frombuffer(buf, dtype="<u4", count=2 * size, offset=used_off + 4).reshape(size, 2)
-        self._arange = np.arange(MAX_BATCH, dtype=np.int64)
+        self._arange = np.arange(2 * MAX_BATCH, dtype=np.int64)
         self._iov = np.zeros((MAX_BATCH, MAX_BATCH_DESCRIPTORS, 2), dtype=np.uint64)
+        self._iov_addresses = self._iov.ctypes.data + self._arange[:MAX_BATCH].astype(np.uint64) * np.uint64(
+            self._iov.strides[0]
+        )
+        nothing = np.zeros(0, dtype=np.int64)
+        self._empty = Batch(nothing, self._iov[:0], nothing, nothing, nothing.astype(np.uint64), self._iov_addresses[:0])
 
     def close(self) -> None:
         self._ram = self._bytes = self._avail = self._used = None
@@ -119,26 +125,27 @@ class BatchReader:
         of the usual shape, one way (`writable`), with min_length..max_length bytes in all, a
         first buffer of min_first bytes or more, and at most max_buffers buffers.  None when no
         chain is available; an empty Batch when the first chain is not of that shape.  Raises
-        QueueError for a broken available ring (as Queue.available does)."""
+        QueueError for a broken available ring (as Queue.available does).
+
+        Only the prefix counts, so a row's figures may be anything once it is not `ok`: the
+        walk tracks `ok` (every check so far passed) and `active` (ok, and it goes on)."""
         queue = self.queue
         n = min(limit, queue.available(), MAX_BATCH)
         if n == 0:
             return None
-        size = queue.size
-        direct = self.direct
-        rows = self._arange[:n]
-        heads = self._avail[(queue.next_avail + rows) & self._mask].astype(np.int64)
-        ok = heads < size
         if self._table is None:
-            ok[:] = False
-        base = np.full(n, self._table or 0, dtype=np.int64)
-        limits = np.full(n, size, dtype=np.int64)
-        index = np.where(ok, heads, 0)
-        d = self._ram[base + index]
+            return self._empty
+        size = queue.size
+        start = queue.next_avail & self._mask
+        heads = self._avail.take(self._arange[start : start + n], mode="wrap")  # our copy of the ring's entries
+        ok = heads < size
+        d = self._ram[self._table : self._table + size].take(heads, mode="clip")  # (a bad head: not ok)
         flags, addr, length = d["flags"], d["addr"], d["len"]
+        fetch = self._fetcher(size)
 
-        indirect = (flags & VIRTQ_DESC_F_INDIRECT) != 0
-        if indirect.any():
+        if np.count_nonzero(flags & _F_INDIRECT):  # (count_nonzero: a cheaper any())
+            indirect = (flags & _F_INDIRECT) != 0
+            direct = self.direct
             table_ok = (
                 (flags == VIRTQ_DESC_F_INDIRECT)
                 & queue.indirect
@@ -151,42 +158,64 @@ class BatchReader:
             )
             ok &= ~indirect | table_ok
             use = indirect & ok
-            base = np.where(use, (addr // DESC_SIZE).astype(np.int64), base)
-            limits = np.where(use, (length // DESC_SIZE).astype(np.int64), limits)
-            index = np.where(use, 0, index)
-            d = self._ram[base + index]
+            base = np.where(use, addr // DESC_SIZE, self._table).astype(np.int64)
+            limits = np.where(use, length // DESC_SIZE, size).astype(np.int64)
+            fetch = self._fetcher(limits, base)
+            d = fetch(np.where(use | ~ok, 0, heads))
             flags, addr, length = d["flags"], d["addr"], d["len"]
+        else:
+            limits = size
 
-        way = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT if writable else VIRTQ_DESC_F_NEXT
+        way = _F_NEXT | _F_WRITE if writable else _F_NEXT
         iov = self._iov[:n]
-        counts = np.zeros(n, dtype=np.int64)
-        lengths = np.zeros(n, dtype=np.int64)
-        first_addr = addr.copy()
-        first_len = length.astype(np.int64)
-        active = ok.copy()
-        for k in range(MAX_BATCH_DESCRIPTORS):
-            good = ((flags | VIRTQ_DESC_F_NEXT) == way) & (length > 0) & (addr < direct) & (length <= direct - addr)
+        first_addr = addr
+        ok &= self._buffer_ok(flags, addr, length, way) & (length >= min_first)
+        iov[:, 0, 0] = addr + self.host_base
+        iov[:, 0, 1] = length
+        lengths = length.astype(np.int64)
+        counts = np.ones(n, dtype=np.int64)
+        active = ok & ((flags & _F_NEXT) != 0)
+        k = 1
+        while np.count_nonzero(active):
+            if k == MAX_BATCH_DESCRIPTORS:
+                ok &= ~active  # longer than we take here
+                break
+            nxt = d["next"]
+            bad = active & ((nxt >= limits) | (counts >= limits))  # a bad next, or a loop
+            ok &= ~bad
+            active &= ~bad
+            d = fetch(np.where(active, nxt, 0))
+            flags, addr, length = d["flags"], d["addr"], d["len"]
+            good = self._buffer_ok(flags, addr, length, way)
             ok &= good | ~active
             active &= good
             iov[:, k, 0] = addr + self.host_base
             iov[:, k, 1] = length
             counts += active
-            lengths += np.where(active, length, 0)
-            active &= (flags & VIRTQ_DESC_F_NEXT) != 0
-            if not active.any():
-                break
-            nxt = d["next"].astype(np.int64)
-            bad = active & ((nxt >= limits) | (counts >= limits))  # a bad next, or a loop
-            ok &= ~bad
-            active &= ~bad
-            index = np.where(active, nxt, 0)
-            d = self._ram[base + index]
-            flags, addr, length = d["flags"], d["addr"], d["len"]
-        else:
-            ok &= ~active  # longer than we take here
-        ok &= (lengths >= min_length) & (lengths <= max_length) & (first_len >= min_first) & (counts <= max_buffers)
-        m = n if ok.all() else int(np.argmin(ok))
-        return Batch(heads[:m], iov[:m], counts[:m], lengths[:m], first_addr[:m])
+            lengths += length * active
+            active &= (flags & _F_NEXT) != 0
+            k += 1
+        ok &= (lengths >= min_length) & (lengths <= max_length)
+        if k > max_buffers:
+            ok &= counts <= max_buffers
+        m = n if np.count_nonzero(ok) == n else int(ok.argmin())
+        return Batch(heads[:m], iov[:m], counts[:m], lengths[:m], first_addr[:m], self._iov_addresses[:m])
+
+    def _buffer_ok(self, flags: np.ndarray, addr: np.ndarray, length: np.ndarray, way: int) -> np.ndarray:
+        """Each descriptor goes `way` (its flags, but for NEXT, are exactly that) and describes a
+        non-empty buffer wholly below direct: length - 1 < direct - addr, in 64 bits where a
+        length of 0 wraps to the largest value and an address past direct clamps to no room."""
+        room = self._direct - np.minimum(addr, self._direct)
+        return ((flags | _F_NEXT) == way) & (length - _ONE < room)
+
+    def _fetcher(self, limits, base=None):
+        """What reads each row's next descriptor: from the queue's table (`limits` its size),
+        or, with indirect tables about, row i's from the table at descriptor row base[i]
+        (`index` is checked against limits first; a row that is not active reads index 0)."""
+        if base is None:
+            table = self._ram[self._table : self._table + limits]
+            return lambda index: table.take(index, mode="clip")
+        return lambda index: self._ram[base + index]
 
     def views(self, batch: Batch, row: int) -> list[memoryview]:
         """Chain `row` of a batch as memoryviews of guest RAM (for the one-chain path's readv / writev)."""
@@ -202,9 +231,15 @@ class BatchReader:
         written (Queue.publish_used)."""
         queue = self.queue
         count = len(heads)
-        slots = (queue.next_used + self._arange[:count]) & self._mask
-        self._used[slots, 0] = heads
-        self._used[slots, 1] = lengths
+        start = queue.next_used & self._mask
+        if start + count <= queue.size:
+            used = self._used[start : start + count]
+            used[:, 0] = heads
+            used[:, 1] = lengths
+        else:  # round the end of the ring
+            slots = (start + self._arange[:count]) & self._mask
+            self._used[slots, 0] = heads
+            self._used[slots, 1] = lengths
         queue.next_used = (queue.next_used + count) & 0xFFFF
 
     def write_u16(self, addresses: np.ndarray, value: int) -> None:

@@ -419,7 +419,7 @@ class _Pair:
     def __post_init__(self) -> None:
         self.rx_iov.append(self.scratch)
         self.scratch_array = np.frombuffer(self.scratch, dtype=np.uint8)
-        self.scratch_address = self.scratch_array.ctypes.data
+        self.scratch_iov = np.array([self.scratch_array.ctypes.data, 1], dtype=np.uint64)  # (struct iovec)
 
     def forget_rx_buffers(self) -> None:
         self.rx_buffers.clear()
@@ -818,20 +818,22 @@ class VirtioNet(VirtioDevice):
         when its socket buffer is limited) is not lost: its chain waits in `tx_retry`
         and goes first once the tap has room; the rest of the batch is sent meanwhile.
         """
-        p.tx_reader.consume(len(batch))
-        results = p.tx_ring.submit_rw(batch.iov_addresses(), batch.counts)
-        again = results == -errno.EAGAIN
+        count = len(batch)
+        p.tx_reader.consume(count)
+        results = p.tx_ring.submit_rw(batch.iov_addresses, batch.counts)
         sent = results >= 0
+        if np.count_nonzero(sent) == count:  # the usual: all written
+            p.tx_reader.complete(batch.heads, np.zeros(count, dtype=np.uint32))
+            return count, int(batch.lengths.sum())
+        again = results == -errno.EAGAIN
         done = ~again
-        if not done.all():
+        if np.count_nonzero(again):
             for i in np.flatnonzero(again):
                 p.tx_retry.append((int(batch.heads[i]), p.tx_reader.views(batch, i)))
             self._tx_block(p)
-        failed = done & ~sent
-        if failed.any():
-            for i in np.flatnonzero(failed):
-                err = -int(results[i])
-                self._tx_error(p, int(batch.lengths[i]), OSError(err, os.strerror(err)))
+        for i in np.flatnonzero(done & ~sent):
+            err = -int(results[i])
+            self._tx_error(p, int(batch.lengths[i]), OSError(err, os.strerror(err)))
         p.tx_reader.complete(batch.heads[done], np.zeros(int(done.sum()), dtype=np.uint32))
         return int(sent.sum()), int(batch.lengths[sent].sum())
 
@@ -975,35 +977,36 @@ class VirtioNet(VirtioDevice):
         count = len(batch)
         if not count:
             return 0, _UNUSUAL
-        rows = np.arange(count)
-        batch.iov[rows, batch.counts, 0] = p.scratch_address  # a frame longer than the chain reaches it
-        batch.iov[rows, batch.counts, 1] = 1
-        results = p.rx_ring.submit_rw(batch.iov_addresses(), batch.counts + 1)
+        batch.iov[np.arange(count), batch.counts] = p.scratch_iov  # a frame longer than the chain reaches it
+        results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
         capacity = batch.lengths
         got = (results >= NET_HDR_SIZE) & (results <= capacity)
-        empty = results == -errno.EAGAIN
-        dropped = 0
-        if not (got | empty).all():
-            dropped = self._rx_batch_trouble(p, results, capacity)
-        frames = int(got.sum())
-        used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
-        reader.consume(used)
-        if frames != used:  # chains passed over: held, in order, for the one-chain path
-            for i in np.flatnonzero(~got[:used]):
+        frames = int(np.count_nonzero(got))
+        heads, first, lengths = batch.heads, batch.first, results
+        dropped, tap_empty = 0, False
+        if frames != count:  # not a frame for every chain
+            empty = results == -errno.EAGAIN
+            tap_empty = bool(np.count_nonzero(empty))
+            if np.count_nonzero(got | empty) != count:
+                dropped = self._rx_batch_trouble(p, results, capacity)
+            used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
+            reader.consume(used)
+            for i in np.flatnonzero(~got[:used]):  # chains passed over: held, in order, for the one-chain path
                 views = reader.views(batch, i) + [p.scratch]
                 p.rx_buffers.append((int(batch.heads[i]), views, int(capacity[i]), int(batch.counts[i])))
                 p.rx_capacity += int(capacity[i])
                 p.rx_descriptors += int(batch.counts[i])
+            heads, first, lengths = heads[got], first[got], lengths[got]
+        else:
+            reader.consume(count)
         if frames:
-            first = batch.first[got]
             reader.write_u16(first + np.uint64(NUM_BUFFERS_OFFSET), 1)
             if not self._guest_csum:
                 reader.write_u8(first, 0)
-            lengths = results[got]
-            reader.complete(batch.heads[got], lengths)
+            reader.complete(heads, lengths)
             p.stats.rx_frames += frames
             p.stats.rx_bytes += int(lengths.sum()) - NET_HDR_SIZE * frames
-        if p.tap_gone or empty.any() or dropped < 0:
+        if p.tap_gone or tap_empty or dropped < 0:
             p.rx_hint = max(RX_HINT_MIN, min(2 * frames, BATCH_RING_ENTRIES))
             return frames + max(dropped, 0), _TAP_EMPTY
         p.rx_hint = min(2 * p.rx_hint, BATCH_RING_ENTRIES)
