@@ -22,7 +22,7 @@ checksum), each way:
   in the JSON ("host_sent_fps").
 
 Both VMMs run the same driver ELF (the PVH build), one vCPU, one queue pair of 256, features
-VERSION_1, MAC, STATUS, MTU, CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4, EVENT_IDX (no MRG_RXBUF:
+VERSION_1, MAC, STATUS, MTU, CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4, EVENT_IDX (no MRG_RXBUF unless --mrg:
 65562-byte RX buffers), attached to the same persistent tap0 in the namespace. The guest polls:
 its vCPU keeps one of this machine's two cores busy throughout.
 
@@ -415,10 +415,10 @@ def size_class(length: int) -> int:
 
 
 # ---- the VMM runs -------------------------------------------------------------------------------
-def job_for(counts: dict[str, int]) -> tuple[list[D.Cmd], dict[int, bytes], list[tuple[str, str, int]]]:
+def job_for(counts: dict[str, int], mrg: bool = False) -> tuple[list[D.Cmd], dict[int, bytes], list[tuple[str, str, int]]]:
     """The driver job: init, a TX bench per size, an RX bench per size. Returns the commands, the
     memory to load (TX templates) and, per command index, (direction, size name, count)."""
-    cmds = [D.net_init(csum=True, guest_csum=True, host_tso4=True, guest_tso4=True, event_idx=True)]
+    cmds = [D.net_init(csum=True, guest_csum=True, host_tso4=True, guest_tso4=True, event_idx=True, mrg_rxbuf=mrg)]
     load, phases = {}, {}
     addr = TX_BUF
     for name, length, _ in SIZES:
@@ -534,8 +534,8 @@ def child_main(params: str) -> int:
 
 
 def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts: dict[str, int],
-            profile: str | None = None) -> dict:
-    cmds, load, phases = job_for(counts)
+            profile: str | None = None, mrg: bool = False) -> dict:
+    cmds, load, phases = job_for(counts, mrg)
     files = {}
     for a, data in load.items():
         f = work / f"load-{a:x}.bin"
@@ -653,6 +653,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "time"),
                     help="pyvmm's I/O thread: wake-ups and time per frame, with cProfile unless 'time' "
                          "(slower: for finding costs, not for the table)")
+    ap.add_argument("--mrg", action="store_true",
+                    help="the guest negotiates MRG_RXBUF (2048-byte RX buffers, as Linux guests do) instead of "
+                         "posting 65562-byte ones")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -683,7 +686,8 @@ def main(argv=None) -> int:
         for r in range(args.runs):
             for vmm in vmms:
                 t0 = time.monotonic()
-                res = run_vmm(vmm, net, pktio, program, work, counts, profile=args.profile if vmm == "pyvmm" else None)
+                res = run_vmm(vmm, net, pktio, program, work, counts, profile=args.profile if vmm == "pyvmm" else None,
+                              mrg=args.mrg)
                 for row in res["rows"]:
                     row["run"] = r
                 runs += res["rows"]
@@ -776,7 +780,7 @@ def main(argv=None) -> int:
         "the guest polls: one of the two host cores is the vCPU's throughout",
     ]
     Path(args.json).write_text(json.dumps(dict(table=table, runs=runs, host_runs=host_runs, iperf3_gbit=iperf_runs,
-                                               counts=counts, problems=problems, notes=notes,
+                                               counts=counts, mrg_rxbuf=args.mrg, problems=problems, notes=notes,
                                                loadavg=dict(before=load0, after=os.getloadavg())), indent=1))
     print(f"wrote {args.json}")
     return 1 if problems else 0

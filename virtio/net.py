@@ -53,7 +53,7 @@ dropped for want of guest buffers.
 
 Batches (the fast path): with a backend whose fds take one frame per readv /
 writev (a real tap: `NetBackend.direct_fds`) each pair has, for its transmitq
-and (without MRG_RXBUF) its receiveq, a BatchReader (virtio/batch.py: the next
+and its receiveq, a BatchReader (virtio/batch.py: the next
 available chains walked together in numpy, as rows of `struct iovec` pointing
 into guest RAM) and an io_uring (vmm/io_uring.py: one writev / readv per row,
 all submitted in one system call, RWF_NOWAIT so a full or empty tap answers
@@ -66,7 +66,12 @@ everything when io_uring cannot be had (a warning says so).  A TX write that
 finds the tap full waits in `tx_retry` and is sent first when it has room
 (the rest of its batch is sent meanwhile: that frame may arrive late, none is
 lost).  An RX read that gets EAGAIN leaves its chain in the ring (or, before
-a chain that did get a frame, holds it for the one-chain path).
+a chain that did get a frame, holds it for the one-chain path).  With
+MRG_RXBUF each RX read goes on past its chain into a spill row of host memory:
+a frame longer than its chain (and the frames after it, to keep their order) is
+handed over by copying the spilled bytes into chains taken next; when the driver
+has not posted enough yet, those frames wait in `rx_pending` and the tap is not
+read until its kick (none is lost; one longer than the whole ring is dropped).
 
 Control queue (5.1.6.5): MQ VQ_PAIRS_SET (1..max pairs: the others are
 detached from the tap with TUNSETQUEUE, so the kernel steers nothing to them),
@@ -99,6 +104,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import select
 import struct
@@ -413,6 +419,13 @@ class _Pair:
     rx_reader: BatchReader | None = None
     rx_ring: IoUring | None = None
     rx_hint: int = 8  # how many reads the next RX batch submits (grows while the tap keeps up)
+    # With MRG_RXBUF: where each read of an RX batch puts what does not fit its chain (a row of
+    # rx_need bytes per read), and the frames read but not yet handed over, in order:
+    # (head, header's guest address, length, chain capacity, the bytes past it or None, descriptors)
+    rx_spill: mmap.mmap | None = None
+    rx_spill_addresses: np.ndarray | None = None
+    rx_pending: deque = field(default_factory=deque)
+    rx_extras: list = field(default_factory=list)  # chains gathered for rx_pending[0]'s rest
     # TX chains taken in a batch whose write found the tap full: (head, views), sent first next time
     tx_retry: deque = field(default_factory=deque)
 
@@ -423,6 +436,8 @@ class _Pair:
 
     def forget_rx_buffers(self) -> None:
         self.rx_buffers.clear()
+        self.rx_pending.clear()
+        self.rx_extras.clear()
         del self.rx_iov[:-1]
         self.rx_capacity = self.rx_descriptors = 0
         self.tx_retry.clear()
@@ -433,6 +448,10 @@ class _Pair:
             if thing is not None:
                 thing.close()
                 setattr(self, name, None)
+        if self.rx_spill is not None:
+            self.rx_spill_addresses = None
+            self.rx_spill.close()
+            self.rx_spill = None
 
     @property
     def rx(self) -> int:
@@ -591,18 +610,22 @@ class VirtioNet(VirtioDevice):
             thread.start()
 
     def _open_batches(self, p: _Pair) -> None:
-        """Give the pair the batch path: for its transmitq, and for its receiveq without
-        MRG_RXBUF (a mergeable frame's chains are known only once it is read).  Where io_uring
+        """Give the pair the batch path for its transmitq and its receiveq (with MRG_RXBUF, and
+        a spill row per read for the part of a frame its chain does not hold).  Where io_uring
         cannot be had (an old kernel, a sandbox that forbids it) the pair goes one chain at a time."""
         try:
             if self.queues[p.tx].ready:
                 p.tx_ring = IoUring(BATCH_RING_ENTRIES)
                 p.tx_ring.prefill(IORING_OP_WRITEV, p.fd)
                 p.tx_reader = BatchReader(self.queues[p.tx])
-            if self.queues[p.rx].ready and not self._mrg:
+            if self.queues[p.rx].ready:
                 p.rx_ring = IoUring(BATCH_RING_ENTRIES)
                 p.rx_ring.prefill(IORING_OP_READV, p.fd)
                 p.rx_reader = BatchReader(self.queues[p.rx])
+                if self._mrg:  # (anonymous memory: only the rows a long frame reaches are ever touched)
+                    p.rx_spill = mmap.mmap(-1, BATCH_RING_ENTRIES * self._rx_need)
+                    base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
+                    p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
         except OSError as err:
             p.close_batches()
             if not VirtioNet._said_no_batches:
@@ -901,6 +924,13 @@ class VirtioNet(VirtioDevice):
             try:
                 frames = 0
                 while frames < RX_BATCH:
+                    if p.rx_pending:  # frames a batch read first (MRG_RXBUF), waiting for buffers
+                        delivered, done = self._rx_deliver_pending(p, queue)
+                        frames += delivered
+                        if not done:
+                            self._rx_wait_for_buffers(p)
+                            break
+                        continue
                     if p.rx_reader is not None and not p.rx_buffers:
                         got, state = self._rx_batch(p, queue, RX_BATCH - frames)  # (dropped frames count too)
                         if state == _NO_BUFFERS:
@@ -947,8 +977,8 @@ class VirtioNet(VirtioDevice):
             self._update_interest(p)
 
     def _rx_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
-        """Read frames into a batch of RX chains (no MRG_RXBUF: a frame per chain); returns
-        (frames received, what next: _MORE, _TAP_EMPTY, _NO_BUFFERS or _UNUSUAL).
+        """Read frames into a batch of RX chains; returns (frames received, what next: _MORE,
+        _TAP_EMPTY, _NO_BUFFERS or _UNUSUAL).
 
         Up to `p.rx_hint` chains of the usual shape are walked together and one readv per
         chain (into its buffers, then the scratch byte) is submitted in one io_uring_enter; on
@@ -958,10 +988,19 @@ class VirtioNet(VirtioDevice):
         came) is held for the one-chain path, like its chains; those after it stay in the ring.
         The hint doubles while every read gets a frame and falls back to twice the frames of a
         batch that emptied the tap, so a trickle does not cost a ring of failed reads.
+
+        With MRG_RXBUF a chain holds the start of a frame and the frame may need more: each
+        readv goes on into the read's spill row (up to rx_need bytes in all) before the scratch
+        byte.  A frame that fits its chain (the usual, for frames up to the driver's buffer
+        size) is handed over as above; from the first that does not, the frames are handed
+        over in order by _rx_deliver_pending, the spilled bytes copied into chains taken after
+        the batch's (num_buffers counts them); if the driver has not posted enough yet, the
+        rest wait in `rx_pending` (nothing more is read meanwhile) for its kick.
         """
         reader = p.rx_reader
+        mrg = self._mrg
         limit = min(limit, p.rx_hint)
-        shape = dict(writable=True, min_first=NET_HDR_SIZE, max_buffers=RX_BATCH_BUFFERS)
+        shape = dict(writable=True, min_first=NET_HDR_SIZE, max_buffers=RX_BATCH_BUFFERS - mrg)
         batch = reader.peek(limit, **shape)
         if batch is None:
             # Ask for a kick when the driver adds buffers, then look once more (no lost kick).
@@ -977,28 +1016,55 @@ class VirtioNet(VirtioDevice):
         count = len(batch)
         if not count:
             return 0, _UNUSUAL
-        batch.iov[np.arange(count), batch.counts] = p.scratch_iov  # a frame longer than the chain reaches it
-        results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
+        rows = np.arange(count)
         capacity = batch.lengths
-        got = (results >= NET_HDR_SIZE) & (results <= capacity)
+        fits = capacity
+        if mrg:  # then the spill row (a frame longer than rx_need still reaches the scratch byte)
+            spill = np.maximum(self._rx_need - capacity, 0)
+            batch.iov[rows, batch.counts, 0] = p.rx_spill_addresses[:count]
+            batch.iov[rows, batch.counts, 1] = spill
+            batch.iov[rows, batch.counts + 1] = p.scratch_iov
+            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 2)
+            fits = capacity + spill
+        else:
+            batch.iov[rows, batch.counts] = p.scratch_iov  # a frame longer than the chain reaches it
+            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
+        got = (results >= NET_HDR_SIZE) & (results <= fits)
         frames = int(np.count_nonzero(got))
+        counts = batch.counts
         heads, first, lengths = batch.heads, batch.first, results
         dropped, tap_empty = 0, False
         if frames != count:  # not a frame for every chain
             empty = results == -errno.EAGAIN
             tap_empty = bool(np.count_nonzero(empty))
             if np.count_nonzero(got | empty) != count:
-                dropped = self._rx_batch_trouble(p, results, capacity)
+                dropped = self._rx_batch_trouble(p, results, fits)
             used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
             reader.consume(used)
             for i in np.flatnonzero(~got[:used]):  # chains passed over: held, in order, for the one-chain path
-                views = reader.views(batch, i) + [p.scratch]
+                views = reader.views(batch, i) + ([] if mrg else [p.scratch])
                 p.rx_buffers.append((int(batch.heads[i]), views, int(capacity[i]), int(batch.counts[i])))
                 p.rx_capacity += int(capacity[i])
                 p.rx_descriptors += int(batch.counts[i])
-            heads, first, lengths = heads[got], first[got], lengths[got]
+                if mrg:
+                    p.rx_iov[-1:-1] = views
+            heads, first, lengths, capacity, rows = heads[got], first[got], lengths[got], capacity[got], rows[got]
+            counts = counts[got]
         else:
             reader.consume(count)
+        pending = False
+        if mrg and frames:
+            longer = np.flatnonzero(lengths > capacity)
+            if len(longer):  # from the first frame its chain does not hold: in order, the slow way
+                k = int(longer[0])
+                for i in range(k, frames):
+                    n, cap = int(lengths[i]), int(capacity[i])
+                    rest = None
+                    if n > cap:
+                        row = int(rows[i]) * self._rx_need
+                        rest = p.rx_spill[row : row + n - cap]
+                    p.rx_pending.append((int(heads[i]), int(first[i]), n, cap, rest, int(counts[i])))
+                heads, first, lengths, frames, pending = heads[:k], first[:k], lengths[:k], k, True
         if frames:
             reader.write_u16(first + np.uint64(NUM_BUFFERS_OFFSET), 1)
             if not self._guest_csum:
@@ -1006,11 +1072,98 @@ class VirtioNet(VirtioDevice):
             reader.complete(heads, lengths)
             p.stats.rx_frames += frames
             p.stats.rx_bytes += int(lengths.sum()) - NET_HDR_SIZE * frames
+        if pending:
+            delivered, done = self._rx_deliver_pending(p, queue)
+            if not done:
+                return frames + delivered, _NO_BUFFERS
+            frames += delivered
         if p.tap_gone or tap_empty or dropped < 0:
             p.rx_hint = max(RX_HINT_MIN, min(2 * frames, BATCH_RING_ENTRIES))
             return frames + max(dropped, 0), _TAP_EMPTY
         p.rx_hint = min(2 * p.rx_hint, BATCH_RING_ENTRIES)
         return frames + dropped, _MORE
+
+    def _rx_deliver_pending(self, p: _Pair, queue: Queue) -> tuple[int, bool]:
+        """Hand over the frames in `rx_pending` in order, each in its first chain and, for the
+        bytes past it, chains taken from the ring now; (frames handed over, whether all were).
+        When the ring runs dry the driver is asked for a kick and the rest wait."""
+        delivered = 0
+        while p.rx_pending:
+            head, first, length, cap, rest, _ = p.rx_pending[0]
+            extras = p.rx_extras
+            if rest is not None and not self._gather_extras(p, queue, len(rest)):
+                if sum(d for *_, d in p.rx_pending) + sum(d for *_, d in extras) + p.rx_descriptors < queue.size:
+                    return delivered, False  # the driver's kick brings more
+                # We hold the whole table and the driver can give no more: a ring that holds less
+                # than the largest frame it accepts.  The frame is dropped, its chains given back empty.
+                p.stats.rx_truncated += 1
+                self._tap_error("%s: a frame of %d bytes from tap %s is longer than the whole receive ring: dropped",
+                                self.name, length, self.tap.name)
+                for h in [head] + [h for h, *_ in extras]:
+                    queue.add_used(h, 0)  # (a driver drops a buffer shorter than a header)
+                p.rx_pending.popleft()
+                extras.clear()
+                continue
+            used = [(head, min(length, cap))]
+            offset = 0
+            for h, views, _, _ in extras:
+                start = offset
+                for v in views:
+                    n = min(len(v), len(rest) - offset)
+                    v[:n] = rest[offset : offset + n]
+                    offset += n
+                used.append((h, offset - start))
+            for h, n in used:
+                queue.add_used(h, n)
+            self.mem.pack(_U16, first + NUM_BUFFERS_OFFSET, len(used))
+            if not self._guest_csum:
+                self.mem.write(first, b"\0")
+            p.rx_pending.popleft()
+            extras.clear()
+            p.stats.rx_frames += 1
+            p.stats.rx_bytes += length - NET_HDR_SIZE
+            delivered += 1
+        return delivered, True
+
+    def _gather_extras(self, p: _Pair, queue: Queue, need: int) -> bool:
+        """Take chains into `rx_extras` until they hold `need` bytes; False if the ring ran dry."""
+        extras = p.rx_extras
+        have = sum(c for _, _, c, _ in extras)
+        while have < need:
+            chain = self._pop_rx_chain(p, queue)
+            if chain is None:
+                return False
+            extras.append(chain)
+            have += chain[2]
+        return True
+
+    def _pop_rx_chain(self, p: _Pair, queue: Queue, min_capacity: int = 1) -> tuple[int, list[memoryview], int, int] | None:
+        """The next available RX chain of min_capacity+ device-writable bytes in under IOV_MAX
+        buffers, as (head, views, capacity, ring descriptors); None when there is none (the
+        driver is then asked for a kick, and the ring looked at once more: no lost kick).
+        A malformed chain is counted and handled by _on_chain_error; one of the wrong shape is
+        returned empty."""
+        while True:
+            try:
+                chain = queue.pop_buffers()
+            except ChainError as err:
+                p.stats.rx_bad_chains += 1
+                self._on_chain_error(queue, err)
+                continue
+            if chain is None:
+                p.rx_kicks_on = True
+                if queue.enable_notification():
+                    continue
+                return None
+            head, views, capacity, writable, descriptors = chain
+            if writable and capacity >= min_capacity and len(views) < IOV_MAX:
+                return head, views, capacity, descriptors
+            p.stats.rx_bad_chains += 1
+            self._guest_error(
+                "%s: RX chain %d is not %d+ device-writable bytes in under %d buffers: returned empty",
+                self.name, head, min_capacity, IOV_MAX,
+            )
+            queue.add_used(head, 0)
 
     def _rx_batch_trouble(self, p: _Pair, results: np.ndarray, capacity: np.ndarray) -> int:
         """The reads of a batch that got neither a frame that fits nor EAGAIN: the frames
@@ -1037,27 +1190,10 @@ class VirtioNet(VirtioDevice):
         need = self._rx_need if mrg else 1  # without MRG_RXBUF one chain takes any frame it can
         buffers = p.rx_buffers
         while p.rx_capacity < need:
-            try:
-                chain = queue.pop_buffers()
-            except ChainError as err:
-                p.stats.rx_bad_chains += 1
-                self._on_chain_error(queue, err)
-                continue
+            chain = self._pop_rx_chain(p, queue, NET_HDR_SIZE)
             if chain is None:
-                # Ask for a kick when the driver adds buffers, then look once more (no lost kick).
-                p.rx_kicks_on = True
-                if queue.enable_notification():
-                    continue
                 break
-            head, views, capacity, writable, descriptors = chain
-            if not writable or capacity < NET_HDR_SIZE or len(views) >= IOV_MAX:
-                p.stats.rx_bad_chains += 1
-                self._guest_error(
-                    "%s: RX chain %d is not %d+ device-writable bytes in under %d buffers: returned empty",
-                    self.name, head, NET_HDR_SIZE, IOV_MAX,
-                )
-                queue.add_used(head, 0)
-                continue
+            head, views, capacity, descriptors = chain
             if mrg:
                 p.rx_iov[-1:-1] = views
             else:

@@ -107,6 +107,7 @@ class MockSplitQueue:
         self.avail_idx = self.start_idx  # the driver's next avail.idx
         self.last_used = self.start_idx  # the driver's last seen used.idx
         self._next_desc = 0
+        self._held: dict[int, list[int]] = {}  # head -> its descriptors, until the device uses it
         end = max(
             self.desc_table + desc_table_size(size),
             self.avail_ring + avail_ring_size(size),
@@ -217,15 +218,23 @@ class MockSplitQueue:
         out = []
         while self.last_used != new:
             out.append(self.used_elem(self.last_used))
+            self._held.pop(out[-1][0], None)
             self.last_used = (self.last_used + 1) & 0xFFFF
         return out
 
     # -- adding chains like a driver -----------------------------------------------
     def _take_descs(self, n: int) -> list[int]:
+        """n descriptor-table entries, round the table from where the last chain ended, passing
+        over those of chains the device has not given back (it may use chains out of order) -
+        unless there are not n others: then the next n regardless, as before (tests that never
+        reap the used ring)."""
         if n > self.size:
             raise ValueError(f"a chain of {n} descriptors does not fit a queue of {self.size}")
-        out = [(self._next_desc + i) % self.size for i in range(n)]
-        self._next_desc = (self._next_desc + n) % self.size
+        held = set().union(*self._held.values()) if self._held else set()
+        out = [i for i in ((self._next_desc + k) % self.size for k in range(self.size)) if i not in held][:n]
+        if len(out) < n:
+            out = [(self._next_desc + i) % self.size for i in range(n)]
+        self._next_desc = (out[-1] + 1) % self.size
         return out
 
     def write_chain(self, bufs: Iterable[Buf], indices: list[int], *, table: int | None = None) -> None:
@@ -244,6 +253,7 @@ class MockSplitQueue:
         bufs = list(bufs)
         indices = self._take_descs(len(bufs))
         self.write_chain(bufs, indices)
+        self._held[indices[0]] = indices
         self.add_head(indices[0], publish=publish)
         return indices[0]
 
@@ -274,5 +284,6 @@ class MockSplitQueue:
             addr, length, flags, _ = self.read_desc(indices[-2])
             self.write_desc(indices[-2], addr, length, flags | VIRTQ_DESC_F_NEXT, indices[-1])
         self.write_desc(indices[-1], table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT)
+        self._held[indices[0]] = indices
         self.add_head(indices[0], publish=publish)
         return indices[0]
