@@ -449,6 +449,8 @@ class _Pair:
                 thing.close()
                 setattr(self, name, None)
         if self.rx_spill is not None:
+            self.rx_pending.clear()  # (their views of the spill go first)
+            self.rx_extras.clear()
             self.rx_spill_addresses = None
             self.rx_spill.close()
             self.rx_spill = None
@@ -1062,7 +1064,8 @@ class VirtioNet(VirtioDevice):
                     rest = None
                     if n > cap:
                         row = int(rows[i]) * self._rx_need
-                        rest = p.rx_spill[row : row + n - cap]
+                        # (a view, not a copy: no batch reads into the spill while frames are pending)
+                        rest = memoryview(p.rx_spill)[row : row + n - cap]
                     p.rx_pending.append((int(heads[i]), int(first[i]), n, cap, rest, int(counts[i])))
                 heads, first, lengths, frames, pending = heads[:k], first[:k], lengths[:k], k, True
         if frames:
