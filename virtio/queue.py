@@ -601,34 +601,36 @@ class Queue:
         flags = u16[self._avail_off >> 1]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def set_notification(self, enabled: bool) -> None:
+    def set_notification(self, enabled: bool, seen: int = 0) -> None:
         """Ask the driver to (not) notify the device when it makes buffers available.
 
-        With EVENT_IDX, enabling writes avail_event = next_avail (kick me once
-        you pass what I have seen); disabling leaves avail_event behind, which
-        already stops kicks.  Without EVENT_IDX, clears or sets
-        VIRTQ_USED_F_NO_NOTIFY in used.flags.  Only a hint to the driver: use
-        enable_notification() to re-enable without missing anything.
+        With EVENT_IDX, enabling writes avail_event = next_avail + seen (kick me
+        once you pass what I have seen: `seen` chains past next_avail that the
+        device looked at and left in the ring, as too few); disabling leaves
+        avail_event behind, which already stops kicks.  Without EVENT_IDX, clears
+        or sets VIRTQ_USED_F_NO_NOTIFY in used.flags.  Only a hint to the driver:
+        use enable_notification() to re-enable without missing anything.
         """
         if not self._ready:
             return
         u16 = self.mem.u16
         if self.event_idx:
             if enabled:
-                u16[(self._used_off + _USED_RING + 8 * self.size) >> 1] = self.next_avail
+                u16[(self._used_off + _USED_RING + 8 * self.size) >> 1] = (self.next_avail + seen) & 0xFFFF
         else:
             u16[(self._used_off + _USED_FLAGS) >> 1] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
 
-    def enable_notification(self) -> bool:
-        """Re-enable driver notifications; return True if chains are (still) available.
+    def enable_notification(self, seen: int = 0) -> bool:
+        """Re-enable driver notifications; return True if chains are (still) available,
+        beyond the `seen` (see set_notification) the device waits to have more than.
 
         The driver may have made buffers available while notifications were
         disabled, and not kicked.  After enabling, a full barrier, then
         avail.idx is read again: True means pop again rather than sleep.
         """
-        self.set_notification(True)
+        self.set_notification(True, seen)
         self._full_barrier()
-        return self.available() > 0
+        return self.available() > seen
 
     def _full_barrier(self) -> None:
         """A full memory barrier (x86 mfence semantics) from Python.

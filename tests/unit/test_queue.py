@@ -359,6 +359,21 @@ def test_set_notification_with_event_idx_writes_avail_event(mem):
     assert mq.used_flags == 0 and mq.avail_event == 2
 
 
+def test_enable_notification_past_chains_left_in_the_ring(mem):
+    """A device that looked at the available chains and left them (too few for what it needs)
+    asks for a kick when the driver adds more: avail_event past them, not at next_avail (a
+    driver that passed next_avail long ago would never kick)."""
+    mq = MockSplitQueue(mem, 8, base=0x1000, start_idx=65534)
+    q = mq.create_queue(event_idx=True)
+    for _ in range(3):
+        mq.add_chain([Buf(mq.alloc(8), 8)])
+    assert q.available() == 3
+    assert not q.enable_notification(3)  # nothing beyond them yet: wait
+    assert mq.avail_event == 1 == (q.next_avail + 3) & 0xFFFF
+    mq.add_chain([Buf(mq.alloc(8), 8)])
+    assert q.enable_notification(3)
+
+
 def test_drain_disables_notifications_while_it_works(mem, mq):
     q = mq.create_queue()
     for _ in range(3):
@@ -376,10 +391,10 @@ class RacingQueue(Queue):
 
     __slots__ = ("before_enable",)
 
-    def set_notification(self, enabled):
+    def set_notification(self, enabled, seen=0):
         if enabled and self.before_enable:
             self.before_enable.pop()()
-        super().set_notification(enabled)
+        super().set_notification(enabled, seen)
 
 
 @pytest.mark.parametrize("event_idx", [False, True])
