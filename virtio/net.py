@@ -69,9 +69,12 @@ lost).  An RX read that gets EAGAIN leaves its chain in the ring (or, before
 a chain that did get a frame, holds it for the one-chain path).  With
 MRG_RXBUF each RX read goes on past its chain into a spill row of host memory:
 a frame longer than its chain (and the frames after it, to keep their order) is
-handed over by copying the spilled bytes into chains taken next; when the driver
-has not posted enough yet, those frames wait in `rx_pending` and the tap is not
-read until its kick (none is lost; one longer than the whole ring is dropped).
+set aside whole, its chain held, and handed over by copying it into the chains
+held and taken next; when the driver has not posted enough yet, those frames
+wait in `rx_pending` and the tap is not read until its kick (none is lost; one
+longer than the whole ring is dropped).  Once frames longer than a chain come,
+each read spans as many available chains as a largest frame needs (one readv a
+frame, zero copy) until a run of short frames brings the batches back.
 
 Control queue (5.1.6.5): MQ VQ_PAIRS_SET (1..max pairs: the others are
 detached from the tap with TUNSETQUEUE, so the kernel steers nothing to them),
@@ -101,6 +104,8 @@ the same address on every start, two VMs (or two taps) almost surely differ.
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import errno
 import hashlib
 import logging
@@ -129,7 +134,7 @@ from .backends.tap import (
     TapError,
     check_tap_name,
 )
-from .batch import MAX_BATCH_DESCRIPTORS, BatchReader
+from .batch import MAX_BATCH, MAX_BATCH_DESCRIPTORS, BatchReader
 from .blk import _RateLimitedLog
 from .device import VIRTIO_ID_NET, VirtioDevice
 from .queue import ChainError, DescriptorChain, Queue, QueueError
@@ -232,6 +237,8 @@ TX_BATCH = 256
 PUBLISH_EVERY = 32
 BATCH_RING_ENTRIES = 256  # io_uring submission queue of a batch path
 RX_HINT_MIN = 8  # the fewest reads an RX batch submits
+# With MRG_RXBUF, frames in a row that fit one chain before long-frame reads give way to batches.
+RX_SHORT_RUN = 256
 # What _rx_batch says comes next.
 _MORE, _TAP_EMPTY, _NO_BUFFERS, _UNUSUAL = "more", "tap empty", "no buffers", "unusual chain"
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -240,6 +247,13 @@ RX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS) - 1  # and the scratch by
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_readv = _libc.readv  # (an iovec array we built: os.readv wants a list of buffers)
+_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_readv.restype = ctypes.c_ssize_t
+_IOVEC_SIZE = 16  # struct iovec
+_BUFFER_INDEX = np.arange(MAX_BATCH_DESCRIPTORS)
 
 # VIRTIO_NET_F_GUEST_* -> TUN_F_*; TUNSETOFFLOAD wants TSO/UFO only with CSUM and ECN only with TSO.
 GUEST_GSO_FEATURES = (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6) | (1 << VIRTIO_NET_F_GUEST_UFO)
@@ -419,13 +433,19 @@ class _Pair:
     rx_reader: BatchReader | None = None
     rx_ring: IoUring | None = None
     rx_hint: int = 8  # how many reads the next RX batch submits (grows while the tap keeps up)
-    # With MRG_RXBUF: where each read of an RX batch puts what does not fit its chain (a row of
-    # rx_need bytes per read), and the frames read but not yet handed over, in order:
-    # (head, header's guest address, length, chain capacity, the bytes past it or None, descriptors)
+    # With MRG_RXBUF: a row of rx_need bytes per read of an RX batch, where the part of a frame
+    # past its chain lands (at the chain's capacity into the row, so the row can hold the frame
+    # whole), and the frames read but not yet handed over, in order, whole (header first).
     rx_spill: mmap.mmap | None = None
     rx_spill_addresses: np.ndarray | None = None
     rx_pending: deque = field(default_factory=deque)
-    rx_extras: list = field(default_factory=list)  # chains gathered for rx_pending[0]'s rest
+    # With MRG_RXBUF, once frames longer than a chain come: each read spans the chains a largest
+    # frame needs (_rx_merge_batch), until rx_short_run frames in a row have fitted one chain.
+    rx_long: bool = False
+    rx_short_run: int = 0
+    rx_flat: np.ndarray | None = None  # its iovec array (struct iovec rows), as 64-bit words, its address
+    rx_flat_words: memoryview | None = None
+    rx_flat_address: int = 0
     # TX chains taken in a batch whose write found the tap full: (head, views), sent first next time
     tx_retry: deque = field(default_factory=deque)
 
@@ -437,7 +457,7 @@ class _Pair:
     def forget_rx_buffers(self) -> None:
         self.rx_buffers.clear()
         self.rx_pending.clear()
-        self.rx_extras.clear()
+        self.rx_long = False
         del self.rx_iov[:-1]
         self.rx_capacity = self.rx_descriptors = 0
         self.tx_retry.clear()
@@ -450,7 +470,7 @@ class _Pair:
                 setattr(self, name, None)
         if self.rx_spill is not None:
             self.rx_pending.clear()  # (their views of the spill go first)
-            self.rx_extras.clear()
+            self.rx_flat_words = self.rx_flat = None
             self.rx_spill_addresses = None
             self.rx_spill.close()
             self.rx_spill = None
@@ -628,6 +648,10 @@ class VirtioNet(VirtioDevice):
                     p.rx_spill = mmap.mmap(-1, BATCH_RING_ENTRIES * self._rx_need)
                     base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
                     p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
+                    # _rx_merge_batch's iovec array: every buffer of a peek, and a row for the scratch byte
+                    p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
+                    p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
+                    p.rx_flat_address = p.rx_flat.ctypes.data
         except OSError as err:
             p.close_batches()
             if not VirtioNet._said_no_batches:
@@ -934,7 +958,8 @@ class VirtioNet(VirtioDevice):
                             break
                         continue
                     if p.rx_reader is not None and not p.rx_buffers:
-                        got, state = self._rx_batch(p, queue, RX_BATCH - frames)  # (dropped frames count too)
+                        take = self._rx_merge_batch if p.rx_long else self._rx_batch
+                        got, state = take(p, queue, RX_BATCH - frames)  # (dropped frames count too)
                         if state == _NO_BUFFERS:
                             self._rx_wait_for_buffers(p)
                             break
@@ -994,10 +1019,12 @@ class VirtioNet(VirtioDevice):
         With MRG_RXBUF a chain holds the start of a frame and the frame may need more: each
         readv goes on into the read's spill row (up to rx_need bytes in all) before the scratch
         byte.  A frame that fits its chain (the usual, for frames up to the driver's buffer
-        size) is handed over as above; from the first that does not, the frames are handed
-        over in order by _rx_deliver_pending, the spilled bytes copied into chains taken after
-        the batch's (num_buffers counts them); if the driver has not posted enough yet, the
-        rest wait in `rx_pending` (nothing more is read meanwhile) for its kick.
+        size) is handed over as above; from the first that does not, the frames are set aside
+        whole in `rx_pending` and their chains held (_rx_set_aside), then handed over in order
+        by _rx_deliver_pending, copied into the chains held and more taken from the ring
+        (num_buffers counts them); if the driver has not posted enough yet, they wait (nothing
+        more is read meanwhile) for its kick.  Long frames are likely to go on coming: the
+        next batches are _rx_merge_batch's.
         """
         reader = p.rx_reader
         mrg = self._mrg
@@ -1023,7 +1050,7 @@ class VirtioNet(VirtioDevice):
         fits = capacity
         if mrg:  # then the spill row (a frame longer than rx_need still reaches the scratch byte)
             spill = np.maximum(self._rx_need - capacity, 0)
-            batch.iov[rows, batch.counts, 0] = p.rx_spill_addresses[:count]
+            batch.iov[rows, batch.counts, 0] = p.rx_spill_addresses[:count] + capacity.astype(np.uint64)
             batch.iov[rows, batch.counts, 1] = spill
             batch.iov[rows, batch.counts + 1] = p.scratch_iov
             results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 2)
@@ -1033,7 +1060,6 @@ class VirtioNet(VirtioDevice):
             results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
         got = (results >= NET_HDR_SIZE) & (results <= fits)
         frames = int(np.count_nonzero(got))
-        counts = batch.counts
         heads, first, lengths = batch.heads, batch.first, results
         dropped, tap_empty = 0, False
         if frames != count:  # not a frame for every chain
@@ -1044,29 +1070,18 @@ class VirtioNet(VirtioDevice):
             used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
             reader.consume(used)
             for i in np.flatnonzero(~got[:used]):  # chains passed over: held, in order, for the one-chain path
-                views = reader.views(batch, i) + ([] if mrg else [p.scratch])
-                p.rx_buffers.append((int(batch.heads[i]), views, int(capacity[i]), int(batch.counts[i])))
-                p.rx_capacity += int(capacity[i])
-                p.rx_descriptors += int(batch.counts[i])
-                if mrg:
-                    p.rx_iov[-1:-1] = views
+                self._hold_rx_chain(p, int(batch.heads[i]), reader.views(batch, i), int(capacity[i]), int(batch.counts[i]))
             heads, first, lengths, capacity, rows = heads[got], first[got], lengths[got], capacity[got], rows[got]
-            counts = counts[got]
         else:
             reader.consume(count)
         pending = False
         if mrg and frames:
             longer = np.flatnonzero(lengths > capacity)
             if len(longer):  # from the first frame its chain does not hold: in order, the slow way
+                p.rx_long, p.rx_short_run = True, 0  # (and the next batches the merging way)
                 k = int(longer[0])
                 for i in range(k, frames):
-                    n, cap = int(lengths[i]), int(capacity[i])
-                    rest = None
-                    if n > cap:
-                        row = int(rows[i]) * self._rx_need
-                        # (a view, not a copy: no batch reads into the spill while frames are pending)
-                        rest = memoryview(p.rx_spill)[row : row + n - cap]
-                    p.rx_pending.append((int(heads[i]), int(first[i]), n, cap, rest, int(counts[i])))
+                    self._rx_set_aside(p, reader, batch, int(rows[i]), int(lengths[i]))
                 heads, first, lengths, frames, pending = heads[:k], first[:k], lengths[:k], k, True
         if frames:
             reader.write_u16(first + np.uint64(NUM_BUFFERS_OFFSET), 1)
@@ -1086,59 +1101,174 @@ class VirtioNet(VirtioDevice):
         p.rx_hint = min(2 * p.rx_hint, BATCH_RING_ENTRIES)
         return frames + dropped, _MORE
 
+    def _rx_merge_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
+        """With MRG_RXBUF, while frames longer than a chain come (a TCP stream with GUEST_TSO: up
+        to 64 KiB in 2-4 KiB buffers): every available chain is walked at once (BatchReader), and
+        each frame is read straight into as many of them as the largest frame needs, one readv
+        whose iovec runs from the next unused chain over the following ones (then the scratch
+        byte); the frame uses the chains it filled (num_buffers of them), the next read starts
+        after them.  The used elements and headers are written together at the end, as in
+        _rx_batch; returns the same (frames, what next).
+
+        Reads here go one system call each (a read's start depends on the last one's length),
+        which a frame of tens of KiB well pays for; after RX_SHORT_RUN frames in a row that
+        fitted one chain, _rx_batch takes over again.  Chains beyond the last frame stay in
+        the ring; when those available cannot hold a largest frame, the driver is asked for a
+        kick and nothing is read meanwhile, as in the one-chain path."""
+        reader, need = p.rx_reader, self._rx_need
+        while True:
+            seen = min(queue.available(), MAX_BATCH)  # (what peek walks: the driver may add more meanwhile)
+            batch = reader.peek(seen, writable=True, min_first=NET_HDR_SIZE)
+            if batch is None:
+                p.rx_kicks_on = True
+                if queue.enable_notification():
+                    continue
+                return 0, _NO_BUFFERS
+            count = len(batch)
+            ends = np.cumsum(batch.lengths)  # the bytes chains[:i + 1] hold
+            if count and ends[-1] >= need:
+                break
+            if count < seen or int(batch.counts.sum()) >= queue.size:
+                # an unusual chain comes next, or all we see may be the whole table: the one-chain
+                # path sees to it (it reads into what the driver can give, or says what is wrong)
+                return 0, _UNUSUAL
+            p.rx_kicks_on = True  # (a kick when the driver adds to those: they stay in the ring)
+            if not queue.enable_notification(seen):
+                return 0, _NO_BUFFERS
+        if p.rx_kicks_on:
+            queue.set_notification(False)
+            p.rx_kicks_on = False
+
+        # Every chain's buffers in a row: one iovec array (chain i's from row starts[i]).
+        counts = batch.counts
+        flat = p.rx_flat
+        if np.count_nonzero(counts - 1):
+            widest = int(counts.max())
+            buffers = batch.iov[:, :widest][_BUFFER_INDEX[:widest] < counts[:, None]]
+            flat[: len(buffers)] = buffers
+            starts = (np.cumsum(counts) - counts).tolist() + [len(buffers)]
+        else:  # (the usual: one buffer per chain)
+            flat[:count] = batch.iov[:, 0]
+            starts = None
+        words, base, fd = p.rx_flat_words, p.rx_flat_address, p.fd
+        ends_l = ends.tolist()
+        used = batch.lengths.copy()  # what each chain gets: all it holds, but the last of a frame
+        first = batch.first
+        mem, guest_csum = self.mem.bytes_view, self._guest_csum
+        scratch = int(p.scratch_iov[0])
+        pos = frames = dropped = spanning = received = 0
+        state = _MORE
+        while frames + dropped < limit:
+            before = ends_l[pos - 1] if pos else 0  # the bytes of the chains before pos
+            end = bisect.bisect_left(ends_l, before + need, pos)  # the chain that completes room for a largest frame
+            if end == count:
+                state = _NO_BUFFERS  # (unless the driver added some meanwhile: below)
+                break
+            first_row, end_row = (pos, end + 1) if starts is None else (starts[pos], starts[end + 1])
+            rows = end_row - first_row
+            room = ends_l[end] - before
+            if rows >= IOV_MAX:  # (tiny buffers: what one readv takes)
+                rows = IOV_MAX - 1
+                room = int(flat[first_row:end_row, 1].sum())
+            w = 2 * (first_row + rows)  # the scratch byte's iovec in the row after the window, for this read
+            saved = words[w], words[w + 1]
+            words[w], words[w + 1] = scratch, 1
+            n = _readv(fd, base + _IOVEC_SIZE * first_row, rows + 1)
+            words[w], words[w + 1] = saved
+            if n <= 0:
+                err = ctypes.get_errno() if n < 0 else 0
+                if n == 0:  # end of file: a socket backend closed
+                    self._mark_tap_gone(p)
+                elif err not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    self._tap_error("%s: reading tap %s: %s", self.name, self.tap.name, os.strerror(err))
+                state = _TAP_EMPTY
+                break
+            if n > room or n < NET_HDR_SIZE:  # its chains stay for the next frame
+                p.stats.rx_truncated += 1
+                dropped += 1
+                self._tap_error("%s: a frame from tap %s did not fit the %d bytes of a receive chain: dropped",
+                                self.name, self.tap.name, room)
+                continue
+            last = bisect.bisect_left(ends_l, before + n, pos)  # the chain that holds its last byte
+            used[last] = before + n - (ends_l[last - 1] if last else 0)
+            header = int(first[pos])
+            _U16.pack_into(mem, header + NUM_BUFFERS_OFFSET, last - pos + 1)
+            if not guest_csum:
+                mem[header] = 0
+            spanning += last > pos
+            received += n - NET_HDR_SIZE
+            frames += 1
+            pos = last + 1
+            if pos == count:
+                state = _NO_BUFFERS
+                break
+        if frames:
+            reader.consume(pos)
+            reader.complete(batch.heads[:pos], used[:pos])
+            p.stats.rx_frames += frames
+            p.stats.rx_bytes += received
+            if spanning:
+                p.rx_short_run = 0
+            else:
+                p.rx_short_run += frames
+                p.rx_long = p.rx_short_run < RX_SHORT_RUN
+        if p.tap_gone:
+            state = _TAP_EMPTY
+        elif state == _NO_BUFFERS:  # the chains left (count - pos) hold too little: any more?
+            p.rx_kicks_on = True
+            if queue.enable_notification(count - pos):
+                state = _MORE
+        return frames + dropped, state
+
+    def _rx_set_aside(self, p: _Pair, reader: BatchReader, batch, row: int, length: int) -> None:
+        """Frame `row` of an RX batch cannot be handed over yet (MRG_RXBUF: it, or one before it,
+        is longer than its chain): the frame goes to the end of `rx_pending`, whole, and its chain
+        is held with the others, for whichever frame comes first.  A frame longer than its chain
+        has the rest in its spill row from the chain's capacity on: the chain's bytes go before it
+        (a view of the row, not a copy: no batch reads into the spill while frames are pending)."""
+        views = reader.views(batch, row)
+        capacity = int(batch.lengths[row])
+        if length > capacity:
+            start = row * self._rx_need
+            frame = memoryview(p.rx_spill)[start : start + length]
+        else:
+            frame = memoryview(bytearray(length))
+        offset = 0
+        for v in views:
+            n = min(len(v), length - offset)
+            frame[offset : offset + n] = v[:n]
+            offset += n
+        p.rx_pending.append(frame)
+        self._hold_rx_chain(p, int(batch.heads[row]), views, capacity, int(batch.counts[row]))
+
     def _rx_deliver_pending(self, p: _Pair, queue: Queue) -> tuple[int, bool]:
-        """Hand over the frames in `rx_pending` in order, each in its first chain and, for the
-        bytes past it, chains taken from the ring now; (frames handed over, whether all were).
-        When the ring runs dry the driver is asked for a kick and the rest wait."""
+        """Hand over the frames in `rx_pending` in order, each copied into the chains held and,
+        when those hold too little, chains taken from the ring now; (frames handed over, whether
+        all were).  When the ring runs dry the driver is asked for a kick and the rest wait;
+        when what the device holds is the whole table and still too little, the frame is longer
+        than the driver's ring can take: dropped, counted."""
         delivered = 0
         while p.rx_pending:
-            head, first, length, cap, rest, _ = p.rx_pending[0]
-            extras = p.rx_extras
-            if rest is not None and not self._gather_extras(p, queue, len(rest)):
-                if sum(d for *_, d in p.rx_pending) + sum(d for *_, d in extras) + p.rx_descriptors < queue.size:
-                    return delivered, False  # the driver's kick brings more
-                # We hold the whole table and the driver can give no more: a ring that holds less
-                # than the largest frame it accepts.  The frame is dropped, its chains given back empty.
+            frame = p.rx_pending[0]
+            length = len(frame)
+            if p.rx_capacity < length and not self._take_rx_buffers(p, queue, length):
+                return delivered, False  # the driver's kick brings more
+            p.rx_pending.popleft()
+            if p.rx_capacity < length:
                 p.stats.rx_truncated += 1
                 self._tap_error("%s: a frame of %d bytes from tap %s is longer than the whole receive ring: dropped",
                                 self.name, length, self.tap.name)
-                for h in [head] + [h for h, *_ in extras]:
-                    queue.add_used(h, 0)  # (a driver drops a buffer shorter than a header)
-                p.rx_pending.popleft()
-                extras.clear()
                 continue
-            used = [(head, min(length, cap))]
             offset = 0
-            for h, views, _, _ in extras:
-                start = offset
-                for v in views:
-                    n = min(len(v), len(rest) - offset)
-                    v[:n] = rest[offset : offset + n]
-                    offset += n
-                used.append((h, offset - start))
-            for h, n in used:
-                queue.add_used(h, n)
-            self.mem.pack(_U16, first + NUM_BUFFERS_OFFSET, len(used))
-            if not self._guest_csum:
-                self.mem.write(first, b"\0")
-            p.rx_pending.popleft()
-            extras.clear()
-            p.stats.rx_frames += 1
-            p.stats.rx_bytes += length - NET_HDR_SIZE
+            for v in p.rx_iov:
+                n = min(len(v), length - offset)
+                v[:n] = frame[offset : offset + n]
+                offset += n
+                if offset == length:
+                    break
+            self._rx_hand_over(p, queue, length)
             delivered += 1
         return delivered, True
-
-    def _gather_extras(self, p: _Pair, queue: Queue, need: int) -> bool:
-        """Take chains into `rx_extras` until they hold `need` bytes; False if the ring ran dry."""
-        extras = p.rx_extras
-        have = sum(c for _, _, c, _ in extras)
-        while have < need:
-            chain = self._pop_rx_chain(p, queue)
-            if chain is None:
-                return False
-            extras.append(chain)
-            have += chain[2]
-        return True
 
     def _pop_rx_chain(self, p: _Pair, queue: Queue, min_capacity: int = 1) -> tuple[int, list[memoryview], int, int] | None:
         """The next available RX chain of min_capacity+ device-writable bytes in under IOV_MAX
@@ -1187,23 +1317,18 @@ class VirtioNet(VirtioDevice):
             return -1
         return -1 if p.tap_gone else int(bad.sum())
 
-    def _take_rx_buffers(self, p: _Pair, queue: Queue) -> bool:
-        """Pop chains until a frame surely fits (or the ring is empty); False if there are none."""
+    def _take_rx_buffers(self, p: _Pair, queue: Queue, need: int | None = None) -> bool:
+        """Pop chains until a frame surely fits, or one of `need` bytes (or the ring is empty);
+        False if there are none (with MRG_RXBUF: too few, and the driver can add more)."""
         mrg = self._mrg
-        need = self._rx_need if mrg else 1  # without MRG_RXBUF one chain takes any frame it can
+        if need is None:
+            need = self._rx_need if mrg else 1  # without MRG_RXBUF one chain takes any frame it can
         buffers = p.rx_buffers
         while p.rx_capacity < need:
             chain = self._pop_rx_chain(p, queue, NET_HDR_SIZE)
             if chain is None:
                 break
-            head, views, capacity, descriptors = chain
-            if mrg:
-                p.rx_iov[-1:-1] = views
-            else:
-                views.append(p.scratch)
-            buffers.append((head, views, capacity, descriptors))
-            p.rx_capacity += capacity
-            p.rx_descriptors += descriptors
+            self._hold_rx_chain(p, *chain)
         else:
             if p.rx_kicks_on:  # enough in hand: the driver need not tell us about more
                 queue.set_notification(False)
@@ -1216,6 +1341,16 @@ class VirtioNet(VirtioDevice):
         if mrg and p.rx_descriptors < queue.size:
             return False
         return bool(buffers)
+
+    def _hold_rx_chain(self, p: _Pair, head: int, views: list[memoryview], capacity: int, descriptors: int) -> None:
+        """Keep an RX chain for the frames to come (after those held already)."""
+        if self._mrg:
+            p.rx_iov[-1:-1] = views
+        else:
+            views.append(p.scratch)
+        p.rx_buffers.append((head, views, capacity, descriptors))
+        p.rx_capacity += capacity
+        p.rx_descriptors += descriptors
 
     def _receive(self, p: _Pair, queue: Queue) -> bool:
         """Read one frame from the tap into the buffers in hand; False if the tap had none."""
@@ -1252,7 +1387,13 @@ class VirtioNet(VirtioDevice):
                 self.name, self.tap.name, capacity,
             )
             return True
-        # Hand the frame over: the chains it filled, each with the bytes it got.
+        self._rx_hand_over(p, queue, n)
+        return True
+
+    def _rx_hand_over(self, p: _Pair, queue: Queue, n: int) -> None:
+        """The first `n` bytes of the chains held are a frame: the chains it filled are the
+        driver's, each with the bytes it got, num_buffers in the header says how many."""
+        buffers = p.rx_buffers
         head, views, cap, descriptors = buffers.popleft()
         first_views = views  # the header is in the first chain (it has NET_HDR_SIZE bytes or more)
         first = views[0]
@@ -1286,7 +1427,6 @@ class VirtioNet(VirtioDevice):
         stats = p.stats
         stats.rx_frames += 1
         stats.rx_bytes += n - NET_HDR_SIZE
-        return True
 
     # -- control queue ----------------------------------------------------------------------
     def process_ctrl(self) -> None:
