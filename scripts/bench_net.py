@@ -421,14 +421,15 @@ def job_for(counts: dict[str, int], mrg: bool = False) -> tuple[list[D.Cmd], dic
     cmds = [D.net_init(csum=True, guest_csum=True, host_tso4=True, guest_tso4=True, event_idx=True, mrg_rxbuf=mrg)]
     load, phases = {}, {}
     addr = TX_BUF
-    for name, length, _ in SIZES:
+    sizes = [(name, length) for name, length, _ in SIZES if name in counts]
+    for name, length in sizes:
         f = frame_for(length, to_guest=False)
         load[addr] = f
         gso = dict(csum=(34, 16), gso=D.VIRTIO_NET_HDR_GSO_TCPV4, mss=TSO_MSS, hdr_len=54) if length > 1514 else {}
         phases[len(cmds)] = ("tx", name, counts[name])
         cmds.append(D.net_bench_tx(counts[name], length, addr, depth=128, **gso))
         addr += 0x20000
-    for name, length, _ in SIZES:
+    for name, length in sizes:
         phases[len(cmds)] = ("rx", name, counts[name])
         c = D.net_bench_rx(counts[name])
         cmds.append(c)
@@ -653,6 +654,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "time"),
                     help="pyvmm's I/O thread: wake-ups and time per frame, with cProfile unless 'time' "
                          "(slower: for finding costs, not for the table)")
+    ap.add_argument("--sizes", help="only these frame sizes, comma-separated (of 60B, 1514B, 64KiB-TSO)")
     ap.add_argument("--mrg", action="store_true",
                     help="the guest negotiates MRG_RXBUF (2048-byte RX buffers, as Linux guests do) instead of "
                          "posting 65562-byte ones")
@@ -671,7 +673,12 @@ def main(argv=None) -> int:
     qemu = not args.no_qemu and args.vmm != "pyvmm" and have_qemu()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-net-"))
     work.mkdir(parents=True, exist_ok=True)
-    counts = {name: max(1000, int(n * args.scale)) for name, _, n in SIZES}
+    names = [n for n, _, _ in SIZES]
+    only = args.sizes.split(",") if args.sizes else names
+    if set(only) - set(names):
+        print(f"--sizes: not among {', '.join(names)}: {', '.join(sorted(set(only) - set(names)))}", file=sys.stderr)
+        return 2
+    counts = {name: max(1000, int(n * args.scale)) for name, _, n in SIZES if name in only}
     program = build_pvh_driver(work)     # the same ELF for both VMMs
     pktio = build_pktio(work)
     vmms = (["pyvmm"] if args.vmm != "qemu" else []) + (["qemu"] if qemu else [])
@@ -695,7 +702,7 @@ def main(argv=None) -> int:
                 print(f"run {r + 1}/{args.runs} {vmm}: " + ", ".join(
                     f"{x['direction']} {x['size']} {fmt_rate(x['fps'])}" for x in res["rows"])
                     + f" ({time.monotonic() - t0:.1f} s)", flush=True)
-            for name, length, _ in SIZES:
+            for name, length, _ in (x for x in SIZES if x[0] in counts):
                 h = host_limit(net, pktio, work, name, length, counts[name])
                 h.update(run=r, size=name, length=length)
                 host_runs.append(h)
@@ -720,7 +727,7 @@ def main(argv=None) -> int:
 
     table = []
     for direction in ("tx", "rx"):
-        for name, length, _ in SIZES:
+        for name, length, _ in (x for x in SIZES if x[0] in counts):
             line = dict(direction=direction, size=name, length=length)
             for vmm in vmms:
                 rows = [x for x in runs if x["vmm"] == vmm and x["direction"] == direction and x["size"] == name]
