@@ -1,1 +1,3 @@
 """virtio"""
+
+import vmm  # noqa: F401  (first: its settings for numpy)
