@@ -312,6 +312,13 @@ class Netns:
         self.ns = f"pvbn{os.getpid()}"
         self.ns2 = f"pvbn{os.getpid()}s"
         self.created = []
+        try:
+            self._build(txqueuelen)
+        except BaseException:
+            self.close()  # (what was made so far: the caller has no object to close)
+            raise
+
+    def _build(self, txqueuelen: int) -> None:
         for n in (self.ns, self.ns2):
             subprocess.run(["ip", "netns", "add", n], check=True)
             self.created.append(n)
