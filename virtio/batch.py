@@ -35,6 +35,7 @@ cannot steer the kernel anywhere but where the check allowed.
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,8 @@ assert VIRTQ_DESC.itemsize == DESC_SIZE
 # Chains with more descriptors than this go the one-at-a-time way (a frame is rarely over 3).
 MAX_BATCH_DESCRIPTORS = 20
 MAX_BATCH = 1024  # chains per peek
+# The most iovec entries one readv / writev takes.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 # as numpy scalars of the fields' types (an operation with a Python int costs more)
 _ONE = np.uint64(1)
 _F_NEXT, _F_WRITE, _F_INDIRECT = (np.uint16(f) for f in (VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT))

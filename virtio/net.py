@@ -5,8 +5,8 @@ control queue last: index 2 * max_virtqueue_pairs when VIRTIO_NET_F_MQ is
 negotiated, else index 2 (a driver without MQ uses one pair and the controlq).
 
 Every frame, both ways, is preceded by the 12-byte `struct virtio_net_hdr`
-(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers).  The
-tap (virtio/backends/tap.py) is opened with IFF_VNET_HDR and a 12-byte vnet
+(virtio/net_hdr.py: flags, gso_type, hdr_len, gso_size, csum_start,
+csum_offset, num_buffers).  The tap (virtio/backends/tap.py) is opened with IFF_VNET_HDR and a 12-byte vnet
 header, so that header *is* the kernel's: TX chains go to the tap as they are
 (os.writev of the chain's readable memoryviews), RX frames come from the tap
 straight into the guest's buffers (os.readv into their writable memoryviews);
@@ -51,30 +51,9 @@ dropped for want of guest buffers.
     Cloud Hypervisor does the same.
   * Per wake-up: up to RX_BATCH frames, one used.idx update, one interrupt.
 
-Batches (the fast path): with a backend whose fds take one frame per readv /
-writev (a real tap: `NetBackend.direct_fds`) each pair has, for its transmitq
-and its receiveq, a BatchReader (virtio/batch.py: the next
-available chains walked together in numpy, as rows of `struct iovec` pointing
-into guest RAM) and an io_uring (vmm/io_uring.py: one writev / readv per row,
-all submitted in one system call, RWF_NOWAIT so a full or empty tap answers
-EAGAIN at once).  Their used elements, and each RX header's num_buffers, are
-written together.  Python then does per batch what it did per frame; the
-kernel's work per frame stays that of a writev / readv.  A chain that is not
-of the usual shape (virtio/batch.py says which) ends the batch and goes the
-one-chain way below, which has every rule and every error message; so does
-everything when io_uring cannot be had (a warning says so).  A TX write that
-finds the tap full waits in `tx_retry` and is sent first when it has room
-(the rest of its batch is sent meanwhile: that frame may arrive late, none is
-lost).  An RX read that gets EAGAIN leaves its chain in the ring (or, before
-a chain that did get a frame, holds it for the one-chain path).  With
-MRG_RXBUF each RX read goes on past its chain into a spill row of host memory:
-a frame longer than its chain (and the frames after it, to keep their order) is
-set aside whole, its chain held, and handed over by copying it into the chains
-held and taken next; when the driver has not posted enough yet, those frames
-wait in `rx_pending` and the tap is not read until its kick (none is lost; one
-longer than the whole ring is dropped).  Once frames longer than a chain come,
-each read spans as many available chains as a largest frame needs (one readv a
-frame, zero copy) until a run of short frames brings the batches back.
+Batches (the fast path, virtio/net_batch.py): with a real tap each pair reads
+and writes many frames per system call (io_uring), the chains walked together
+in numpy; what is not of the usual shape goes the one-chain way below.
 
 Control queue (5.1.6.5): MQ VQ_PAIRS_SET (1..max pairs: the others are
 detached from the tap with TUNSETQUEUE, so the kernel steers nothing to them),
@@ -104,9 +83,6 @@ the same address on every start, two VMs (or two taps) almost surely differ.
 
 from __future__ import annotations
 
-import bisect
-import ctypes
-import errno
 import hashlib
 import logging
 import mmap
@@ -122,7 +98,7 @@ from functools import partial
 import numpy as np
 
 from vmm.memory import GuestMemory
-from vmm.io_uring import IORING_OP_READV, IORING_OP_WRITEV, IoUring
+from vmm.io_uring import IoUring
 from .backends.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -134,9 +110,11 @@ from .backends.tap import (
     TapError,
     check_tap_name,
 )
-from .batch import MAX_BATCH, MAX_BATCH_DESCRIPTORS, BatchReader
+from .batch import IOV_MAX, BatchReader
 from .blk import _RateLimitedLog
 from .device import VIRTIO_ID_NET, VirtioDevice
+from .net_batch import MORE, NO_BUFFERS, TAP_EMPTY, TX_BATCH_BUFFERS, NetBatches
+from .net_hdr import NET_HDR_SIZE, NUM_BUFFERS_OFFSET
 from .queue import ChainError, DescriptorChain, Queue, QueueError
 from .worker import IoThread
 
@@ -173,21 +151,6 @@ VIRTIO_NET_F_SPEED_DUPLEX = 63
 # struct virtio_net_config status (5.1.4)
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_S_ANNOUNCE = 2
-
-# struct virtio_net_hdr (5.1.6)
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
-VIRTIO_NET_HDR_F_RSC_INFO = 4
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_UDP = 3
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_UDP_L4 = 5
-VIRTIO_NET_HDR_GSO_ECN = 0x80
-# flags u8, gso_type u8, hdr_len le16, gso_size le16, csum_start le16, csum_offset le16, num_buffers le16
-VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
-NET_HDR_SIZE = VIRTIO_NET_HDR.size  # 12: virtio 1.x always has num_buffers
-NUM_BUFFERS_OFFSET = 10
 
 # Control queue (5.1.6.5): struct virtio_net_ctrl { u8 class; u8 command; u8 data[]; u8 ack; }
 VIRTIO_NET_OK = 0
@@ -235,25 +198,9 @@ TX_BATCH = 256
 # used.idx is written every this many chains within a batch, not only at its end: the driver can
 # refill the ring while the device works through it, so a busy queue does not run dry and sleep.
 PUBLISH_EVERY = 32
-BATCH_RING_ENTRIES = 256  # io_uring submission queue of a batch path
-RX_HINT_MIN = 8  # the fewest reads an RX batch submits
-# With MRG_RXBUF, frames in a row that fit one chain before long-frame reads give way to batches.
-RX_SHORT_RUN = 256
-# What _rx_batch says comes next.
-_MORE, _TAP_EMPTY, _NO_BUFFERS, _UNUSUAL = "more", "tap empty", "no buffers", "unusual chain"
-IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
-TX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS)
-RX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS) - 1  # and the scratch byte
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_readv = _libc.readv  # (an iovec array we built: os.readv wants a list of buffers)
-_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-_readv.restype = ctypes.c_ssize_t
-_IOVEC_SIZE = 16  # struct iovec
-_BUFFER_INDEX = np.arange(MAX_BATCH_DESCRIPTORS)
 
 # VIRTIO_NET_F_GUEST_* -> TUN_F_*; TUNSETOFFLOAD wants TSO/UFO only with CSUM and ECN only with TSO.
 GUEST_GSO_FEATURES = (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6) | (1 << VIRTIO_NET_F_GUEST_UFO)
@@ -484,7 +431,7 @@ class _Pair:
         return 2 * self.index + 1
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNet(NetBatches, VirtioDevice):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
 
@@ -630,35 +577,6 @@ class VirtioNet(VirtioDevice):
                 thread.add_eventfd(self.queue_events[self.ctrl_index], self.process_ctrl)
             self._threads.append(thread)
             thread.start()
-
-    def _open_batches(self, p: _Pair) -> None:
-        """Give the pair the batch path for its transmitq and its receiveq (with MRG_RXBUF, and
-        a spill row per read for the part of a frame its chain does not hold).  Where io_uring
-        cannot be had (an old kernel, a sandbox that forbids it) the pair goes one chain at a time."""
-        try:
-            if self.queues[p.tx].ready:
-                p.tx_ring = IoUring(BATCH_RING_ENTRIES)
-                p.tx_ring.prefill(IORING_OP_WRITEV, p.fd)
-                p.tx_reader = BatchReader(self.queues[p.tx])
-            if self.queues[p.rx].ready:
-                p.rx_ring = IoUring(BATCH_RING_ENTRIES)
-                p.rx_ring.prefill(IORING_OP_READV, p.fd)
-                p.rx_reader = BatchReader(self.queues[p.rx])
-                if self._mrg:  # (anonymous memory: only the rows a long frame reaches are ever touched)
-                    p.rx_spill = mmap.mmap(-1, BATCH_RING_ENTRIES * self._rx_need)
-                    base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
-                    p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
-                    # _rx_merge_batch's iovec array: every buffer of a peek, and a row for the scratch byte
-                    p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
-                    p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
-                    p.rx_flat_address = p.rx_flat.ctypes.data
-        except OSError as err:
-            p.close_batches()
-            if not VirtioNet._said_no_batches:
-                VirtioNet._said_no_batches = True
-                log.warning("%s: io_uring is not available (%s): one frame per system call", self.name, err)
-
-    _said_no_batches = False
 
     def deactivate(self) -> None:
         threads, self._threads = self._threads, []
@@ -860,51 +778,6 @@ class VirtioNet(VirtioDevice):
         if queue.needs_notification():
             self.signal_used(qi)
 
-    def _tx_batch(self, p: _Pair, batch) -> tuple[int, int]:
-        """Write a batch of TX chains to the tap, complete them; (frames sent, their bytes).
-
-        The writes are issued in ring order.  One that finds the tap full (EAGAIN: only
-        when its socket buffer is limited) is not lost: its chain waits in `tx_retry`
-        and goes first once the tap has room; the rest of the batch is sent meanwhile.
-        """
-        count = len(batch)
-        p.tx_reader.consume(count)
-        results = p.tx_ring.submit_rw(batch.iov_addresses, batch.counts)
-        sent = results >= 0
-        if np.count_nonzero(sent) == count:  # the usual: all written
-            p.tx_reader.complete(batch.heads, np.zeros(count, dtype=np.uint32))
-            return count, int(batch.lengths.sum())
-        again = results == -errno.EAGAIN
-        done = ~again
-        if np.count_nonzero(again):
-            for i in np.flatnonzero(again):
-                p.tx_retry.append((int(batch.heads[i]), p.tx_reader.views(batch, i)))
-            self._tx_block(p)
-        for i in np.flatnonzero(done & ~sent):
-            err = -int(results[i])
-            self._tx_error(p, int(batch.lengths[i]), OSError(err, os.strerror(err)))
-        p.tx_reader.complete(batch.heads[done], np.zeros(int(done.sum()), dtype=np.uint32))
-        return int(sent.sum()), int(batch.lengths[sent].sum())
-
-    def _tx_retry(self, p: _Pair, queue: Queue) -> tuple[int, int]:
-        """Send the chains a full tap sent back, in order; stop (blocked again) if it is still full."""
-        frames = nbytes = 0
-        while p.tx_retry:
-            head, views = p.tx_retry[0]
-            try:
-                length = p.send(views)
-            except BlockingIOError:
-                self._tx_block(p)
-                break
-            except OSError as err:
-                self._tx_error(p, sum(len(v) for v in views), err)
-            else:
-                frames += 1
-                nbytes += length
-            p.tx_retry.popleft()
-            queue.add_used(head, 0)
-        return frames, nbytes
-
     def _tx_block(self, p: _Pair) -> None:
         """The tap is full: wait for EPOLLOUT before sending more (call with p.lock held)."""
         if not p.tx_blocked:
@@ -960,7 +833,7 @@ class VirtioNet(VirtioDevice):
                     if p.rx_reader is not None and not p.rx_buffers:
                         take = self._rx_merge_batch if p.rx_long else self._rx_batch
                         got, state = take(p, queue, RX_BATCH - frames)  # (dropped frames count too)
-                        if state == _NO_BUFFERS:
+                        if state == NO_BUFFERS:
                             self._rx_wait_for_buffers(p)
                             break
                         if p.rx_waiting:
@@ -969,9 +842,9 @@ class VirtioNet(VirtioDevice):
                         if got:
                             frames += got
                             queue.publish_used()
-                        if state == _TAP_EMPTY:
+                        if state == TAP_EMPTY:
                             break
-                        if state == _MORE:
+                        if state == MORE:
                             continue
                         # the next chain is not of the usual shape: one frame the one-chain way
                     if p.rx_capacity < need and not self._take_rx_buffers(p, queue):
@@ -1003,273 +876,6 @@ class VirtioNet(VirtioDevice):
             p.stats.rx_no_buffers += 1
             self._update_interest(p)
 
-    def _rx_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
-        """Read frames into a batch of RX chains; returns (frames received, what next: _MORE,
-        _TAP_EMPTY, _NO_BUFFERS or _UNUSUAL).
-
-        Up to `p.rx_hint` chains of the usual shape are walked together and one readv per
-        chain (into its buffers, then the scratch byte) is submitted in one io_uring_enter; on
-        the non-blocking tap each returns a frame or EAGAIN at once.  The chains that got a
-        frame are completed together (num_buffers 1 in each header); a chain before the last
-        one that got a frame but did not (a frame too big for it, or EAGAIN just before a frame
-        came) is held for the one-chain path, like its chains; those after it stay in the ring.
-        The hint doubles while every read gets a frame and falls back to twice the frames of a
-        batch that emptied the tap, so a trickle does not cost a ring of failed reads.
-
-        With MRG_RXBUF a chain holds the start of a frame and the frame may need more: each
-        readv goes on into the read's spill row (up to rx_need bytes in all) before the scratch
-        byte.  A frame that fits its chain (the usual, for frames up to the driver's buffer
-        size) is handed over as above; from the first that does not, the frames are set aside
-        whole in `rx_pending` and their chains held (_rx_set_aside), then handed over in order
-        by _rx_deliver_pending, copied into the chains held and more taken from the ring
-        (num_buffers counts them); if the driver has not posted enough yet, they wait (nothing
-        more is read meanwhile) for its kick.  Long frames are likely to go on coming: the
-        next batches are _rx_merge_batch's.
-        """
-        reader = p.rx_reader
-        mrg = self._mrg
-        limit = min(limit, p.rx_hint)
-        shape = dict(writable=True, min_first=NET_HDR_SIZE, max_buffers=RX_BATCH_BUFFERS - mrg)
-        batch = reader.peek(limit, **shape)
-        if batch is None:
-            # Ask for a kick when the driver adds buffers, then look once more (no lost kick).
-            p.rx_kicks_on = True
-            if not queue.enable_notification():
-                return 0, _NO_BUFFERS
-            batch = reader.peek(limit, **shape)
-            if batch is None:
-                return 0, _NO_BUFFERS
-        if p.rx_kicks_on:
-            queue.set_notification(False)
-            p.rx_kicks_on = False
-        count = len(batch)
-        if not count:
-            return 0, _UNUSUAL
-        rows = np.arange(count)
-        capacity = batch.lengths
-        fits = capacity
-        if mrg:  # then the spill row (a frame longer than rx_need still reaches the scratch byte)
-            spill = np.maximum(self._rx_need - capacity, 0)
-            batch.iov[rows, batch.counts, 0] = p.rx_spill_addresses[:count] + capacity.astype(np.uint64)
-            batch.iov[rows, batch.counts, 1] = spill
-            batch.iov[rows, batch.counts + 1] = p.scratch_iov
-            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 2)
-            fits = capacity + spill
-        else:
-            batch.iov[rows, batch.counts] = p.scratch_iov  # a frame longer than the chain reaches it
-            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
-        got = (results >= NET_HDR_SIZE) & (results <= fits)
-        frames = int(np.count_nonzero(got))
-        heads, first, lengths = batch.heads, batch.first, results
-        dropped, tap_empty = 0, False
-        if frames != count:  # not a frame for every chain
-            empty = results == -errno.EAGAIN
-            tap_empty = bool(np.count_nonzero(empty))
-            if np.count_nonzero(got | empty) != count:
-                dropped = self._rx_batch_trouble(p, results, fits)
-            used = int(np.flatnonzero(got)[-1]) + 1 if frames else 0
-            reader.consume(used)
-            for i in np.flatnonzero(~got[:used]):  # chains passed over: held, in order, for the one-chain path
-                self._hold_rx_chain(p, int(batch.heads[i]), reader.views(batch, i), int(capacity[i]), int(batch.counts[i]))
-            heads, first, lengths, capacity, rows = heads[got], first[got], lengths[got], capacity[got], rows[got]
-        else:
-            reader.consume(count)
-        pending = False
-        if mrg and frames:
-            longer = np.flatnonzero(lengths > capacity)
-            if len(longer):  # from the first frame its chain does not hold: in order, the slow way
-                p.rx_long, p.rx_short_run = True, 0  # (and the next batches the merging way)
-                k = int(longer[0])
-                for i in range(k, frames):
-                    self._rx_set_aside(p, reader, batch, int(rows[i]), int(lengths[i]))
-                heads, first, lengths, frames, pending = heads[:k], first[:k], lengths[:k], k, True
-        if frames:
-            reader.write_u16(first + np.uint64(NUM_BUFFERS_OFFSET), 1)
-            if not self._guest_csum:
-                reader.write_u8(first, 0)
-            reader.complete(heads, lengths)
-            p.stats.rx_frames += frames
-            p.stats.rx_bytes += int(lengths.sum()) - NET_HDR_SIZE * frames
-        if pending:
-            delivered, done = self._rx_deliver_pending(p, queue)
-            if not done:
-                return frames + delivered, _NO_BUFFERS
-            frames += delivered
-        if p.tap_gone or tap_empty or dropped < 0:
-            p.rx_hint = max(RX_HINT_MIN, min(2 * frames, BATCH_RING_ENTRIES))
-            return frames + max(dropped, 0), _TAP_EMPTY
-        p.rx_hint = min(2 * p.rx_hint, BATCH_RING_ENTRIES)
-        return frames + dropped, _MORE
-
-    def _rx_merge_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
-        """With MRG_RXBUF, while frames longer than a chain come (a TCP stream with GUEST_TSO: up
-        to 64 KiB in 2-4 KiB buffers): every available chain is walked at once (BatchReader), and
-        each frame is read straight into as many of them as the largest frame needs, one readv
-        whose iovec runs from the next unused chain over the following ones (then the scratch
-        byte); the frame uses the chains it filled (num_buffers of them), the next read starts
-        after them.  The used elements and headers are written together at the end, as in
-        _rx_batch; returns the same (frames, what next).
-
-        Reads here go one system call each (a read's start depends on the last one's length),
-        which a frame of tens of KiB well pays for; after RX_SHORT_RUN frames in a row that
-        fitted one chain, _rx_batch takes over again.  Chains beyond the last frame stay in
-        the ring; when those available cannot hold a largest frame, the driver is asked for a
-        kick and nothing is read meanwhile, as in the one-chain path."""
-        reader, need = p.rx_reader, self._rx_need
-        while True:
-            seen = min(queue.available(), MAX_BATCH)  # (what peek walks: the driver may add more meanwhile)
-            batch = reader.peek(seen, writable=True, min_first=NET_HDR_SIZE)
-            if batch is None:
-                p.rx_kicks_on = True
-                if queue.enable_notification():
-                    continue
-                return 0, _NO_BUFFERS
-            count = len(batch)
-            ends = np.cumsum(batch.lengths)  # the bytes chains[:i + 1] hold
-            if count and ends[-1] >= need:
-                break
-            if count < seen or int(batch.counts.sum()) >= queue.size:
-                # an unusual chain comes next, or all we see may be the whole table: the one-chain
-                # path sees to it (it reads into what the driver can give, or says what is wrong)
-                return 0, _UNUSUAL
-            p.rx_kicks_on = True  # (a kick when the driver adds to those: they stay in the ring)
-            if not queue.enable_notification(seen):
-                return 0, _NO_BUFFERS
-        if p.rx_kicks_on:
-            queue.set_notification(False)
-            p.rx_kicks_on = False
-
-        # Every chain's buffers in a row: one iovec array (chain i's from row starts[i]).
-        counts = batch.counts
-        flat = p.rx_flat
-        if np.count_nonzero(counts - 1):
-            widest = int(counts.max())
-            buffers = batch.iov[:, :widest][_BUFFER_INDEX[:widest] < counts[:, None]]
-            flat[: len(buffers)] = buffers
-            starts = (np.cumsum(counts) - counts).tolist() + [len(buffers)]
-        else:  # (the usual: one buffer per chain)
-            flat[:count] = batch.iov[:, 0]
-            starts = None
-        words, base, fd = p.rx_flat_words, p.rx_flat_address, p.fd
-        ends_l = ends.tolist()
-        used = batch.lengths.copy()  # what each chain gets: all it holds, but the last of a frame
-        first = batch.first
-        mem, guest_csum = self.mem.bytes_view, self._guest_csum
-        scratch = int(p.scratch_iov[0])
-        pos = frames = dropped = spanning = received = 0
-        state = _MORE
-        while frames + dropped < limit:
-            before = ends_l[pos - 1] if pos else 0  # the bytes of the chains before pos
-            end = bisect.bisect_left(ends_l, before + need, pos)  # the chain that completes room for a largest frame
-            if end == count:
-                state = _NO_BUFFERS  # (unless the driver added some meanwhile: below)
-                break
-            first_row, end_row = (pos, end + 1) if starts is None else (starts[pos], starts[end + 1])
-            rows = end_row - first_row
-            room = ends_l[end] - before
-            if rows >= IOV_MAX:  # (tiny buffers: what one readv takes)
-                rows = IOV_MAX - 1
-                room = int(flat[first_row:end_row, 1].sum())
-            w = 2 * (first_row + rows)  # the scratch byte's iovec in the row after the window, for this read
-            saved = words[w], words[w + 1]
-            words[w], words[w + 1] = scratch, 1
-            n = _readv(fd, base + _IOVEC_SIZE * first_row, rows + 1)
-            words[w], words[w + 1] = saved
-            if n <= 0:
-                err = ctypes.get_errno() if n < 0 else 0
-                if n == 0:  # end of file: a socket backend closed
-                    self._mark_tap_gone(p)
-                elif err not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    self._tap_error("%s: reading tap %s: %s", self.name, self.tap.name, os.strerror(err))
-                state = _TAP_EMPTY
-                break
-            if n > room or n < NET_HDR_SIZE:  # its chains stay for the next frame
-                p.stats.rx_truncated += 1
-                dropped += 1
-                self._tap_error("%s: a frame from tap %s did not fit the %d bytes of a receive chain: dropped",
-                                self.name, self.tap.name, room)
-                continue
-            last = bisect.bisect_left(ends_l, before + n, pos)  # the chain that holds its last byte
-            used[last] = before + n - (ends_l[last - 1] if last else 0)
-            header = int(first[pos])
-            _U16.pack_into(mem, header + NUM_BUFFERS_OFFSET, last - pos + 1)
-            if not guest_csum:
-                mem[header] = 0
-            spanning += last > pos
-            received += n - NET_HDR_SIZE
-            frames += 1
-            pos = last + 1
-            if pos == count:
-                state = _NO_BUFFERS
-                break
-        if frames:
-            reader.consume(pos)
-            reader.complete(batch.heads[:pos], used[:pos])
-            p.stats.rx_frames += frames
-            p.stats.rx_bytes += received
-            if spanning:
-                p.rx_short_run = 0
-            else:
-                p.rx_short_run += frames
-                p.rx_long = p.rx_short_run < RX_SHORT_RUN
-        if p.tap_gone:
-            state = _TAP_EMPTY
-        elif state == _NO_BUFFERS:  # the chains left (count - pos) hold too little: any more?
-            p.rx_kicks_on = True
-            if queue.enable_notification(count - pos):
-                state = _MORE
-        return frames + dropped, state
-
-    def _rx_set_aside(self, p: _Pair, reader: BatchReader, batch, row: int, length: int) -> None:
-        """Frame `row` of an RX batch cannot be handed over yet (MRG_RXBUF: it, or one before it,
-        is longer than its chain): the frame goes to the end of `rx_pending`, whole, and its chain
-        is held with the others, for whichever frame comes first.  A frame longer than its chain
-        has the rest in its spill row from the chain's capacity on: the chain's bytes go before it
-        (a view of the row, not a copy: no batch reads into the spill while frames are pending)."""
-        views = reader.views(batch, row)
-        capacity = int(batch.lengths[row])
-        if length > capacity:
-            start = row * self._rx_need
-            frame = memoryview(p.rx_spill)[start : start + length]
-        else:
-            frame = memoryview(bytearray(length))
-        offset = 0
-        for v in views:
-            n = min(len(v), length - offset)
-            frame[offset : offset + n] = v[:n]
-            offset += n
-        p.rx_pending.append(frame)
-        self._hold_rx_chain(p, int(batch.heads[row]), views, capacity, int(batch.counts[row]))
-
-    def _rx_deliver_pending(self, p: _Pair, queue: Queue) -> tuple[int, bool]:
-        """Hand over the frames in `rx_pending` in order, each copied into the chains held and,
-        when those hold too little, chains taken from the ring now; (frames handed over, whether
-        all were).  When the ring runs dry the driver is asked for a kick and the rest wait;
-        when what the device holds is the whole table and still too little, the frame is longer
-        than the driver's ring can take: dropped, counted."""
-        delivered = 0
-        while p.rx_pending:
-            frame = p.rx_pending[0]
-            length = len(frame)
-            if p.rx_capacity < length and not self._take_rx_buffers(p, queue, length):
-                return delivered, False  # the driver's kick brings more
-            p.rx_pending.popleft()
-            if p.rx_capacity < length:
-                p.stats.rx_truncated += 1
-                self._tap_error("%s: a frame of %d bytes from tap %s is longer than the whole receive ring: dropped",
-                                self.name, length, self.tap.name)
-                continue
-            offset = 0
-            for v in p.rx_iov:
-                n = min(len(v), length - offset)
-                v[:n] = frame[offset : offset + n]
-                offset += n
-                if offset == length:
-                    break
-            self._rx_hand_over(p, queue, length)
-            delivered += 1
-        return delivered, True
-
     def _pop_rx_chain(self, p: _Pair, queue: Queue, min_capacity: int = 1) -> tuple[int, list[memoryview], int, int] | None:
         """The next available RX chain of min_capacity+ device-writable bytes in under IOV_MAX
         buffers, as (head, views, capacity, ring descriptors); None when there is none (the
@@ -1297,25 +903,6 @@ class VirtioNet(VirtioDevice):
                 self.name, head, min_capacity, IOV_MAX,
             )
             queue.add_used(head, 0)
-
-    def _rx_batch_trouble(self, p: _Pair, results: np.ndarray, capacity: np.ndarray) -> int:
-        """The reads of a batch that got neither a frame that fits nor EAGAIN: the frames
-        dropped, or -1 if a read failed (the tap is not read further in this wake-up)."""
-        if (results == 0).any():  # end of file: a socket backend closed (a tap frame has its header)
-            self._mark_tap_gone(p)
-        bad = (results > capacity) | ((results > 0) & (results < NET_HDR_SIZE))
-        if bad.any():
-            p.stats.rx_truncated += int(bad.sum())
-            self._tap_error(
-                "%s: a frame from tap %s did not fit the %d bytes of a receive chain: dropped",
-                self.name, self.tap.name, int(capacity[np.flatnonzero(bad)[0]]),
-            )
-        errors = (results < 0) & (results != -errno.EAGAIN)
-        if errors.any():
-            err = -int(results[np.flatnonzero(errors)[0]])
-            self._tap_error("%s: reading tap %s: %s", self.name, self.tap.name, os.strerror(err))
-            return -1
-        return -1 if p.tap_gone else int(bad.sum())
 
     def _take_rx_buffers(self, p: _Pair, queue: Queue, need: int | None = None) -> bool:
         """Pop chains until a frame surely fits, or one of `need` bytes (or the ring is empty);

@@ -179,7 +179,7 @@ F_NET_ANY_QUEUE = 0x40
 F_NET_RESUME = 0x1
 
 NET_HDR_SIZE = 12
-from virtio.net import (  # noqa: E402,F401  (job.h mirrors these: test_driver_protocol checks)
+from virtio.net_hdr import (  # noqa: E402,F401  (job.h mirrors these: test_driver_protocol checks)
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_F_RSC_INFO, VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
     VIRTIO_NET_HDR_GSO_UDP_L4,

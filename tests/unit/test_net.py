@@ -41,7 +41,6 @@ from virtio.device import (
 )
 from virtio.net import (
     MAX_BUFFER,
-    NET_HDR_SIZE,
     VIRTIO_NET_CTRL_ANNOUNCE,
     VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
@@ -71,13 +70,8 @@ from virtio.net import (
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_HDR,
-    VIRTIO_NET_HDR_F_DATA_VALID,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_LINK_UP,
-    RX_SHORT_RUN,
     NetSpec,
     VirtioNet,
     default_mac,
@@ -85,6 +79,14 @@ from virtio.net import (
     parse_mac,
     parse_net_spec,
     tun_offload_flags,
+)
+from virtio.net_batch import RX_SHORT_RUN
+from virtio.net_hdr import (
+    NET_HDR_SIZE,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
 )
 from virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_USED_F_NO_NOTIFY
 from vmm.memory import MiB, GuestMemory
