@@ -323,7 +323,7 @@ class NetBatches:
             room = ends_l[end] - before
             if rows >= IOV_MAX:  # (tiny buffers: what one readv takes)
                 rows = IOV_MAX - 1
-                room = int(flat[first_row:end_row, 1].sum())
+                room = int(flat[first_row : first_row + rows, 1].sum())
             w = 2 * (first_row + rows)  # the scratch byte's iovec in the row after the window, for this read
             saved = words[w], words[w + 1]
             words[w], words[w + 1] = scratch, 1
