@@ -34,71 +34,62 @@ def pair():
     b.close()
 
 
-def test_writev_batch_sends_each_row_as_one_message_in_order(pair):
+@pytest.fixture
+def ring():
+    """A ring of 4 SQEs (fewer than most tests' rows: several io_uring_enter a batch), closed after."""
+    r = IoUring(4)
+    yield r
+    r.close()
+
+
+def test_writev_batch_sends_each_row_as_one_message_in_order(pair, ring):
     a, b = pair
-    ring = IoUring(8)
-    try:
-        ring.prefill(IORING_OP_WRITEV, a.fileno())
-        rows = [[bytearray(b"head%d-" % i), bytearray(b"body" * (i + 1))] for i in range(20)]  # > the SQ
+    ring.prefill(IORING_OP_WRITEV, a.fileno())
+    rows = [[bytearray(b"head%d-" % i), bytearray(b"body" * (i + 1))] for i in range(20)]  # > the SQ
+    iov, addrs, counts = iovecs(rows)
+    results = ring.submit_rw(addrs, counts)
+    assert list(results) == [sum(len(x) for x in r) for r in rows]
+    for r in rows:
+        assert b.recv(1000) == b"".join(r)
+
+
+def test_readv_batch_fills_rows_and_says_eagain_when_empty(pair, ring):
+    a, b = pair
+    ring.prefill(IORING_OP_READV, a.fileno())
+    for i in range(3):
+        b.send(b"frame%d" % i + b"x" * i)
+    rows = [[bytearray(3), bytearray(20)] for _ in range(6)]
+    iov, addrs, counts = iovecs(rows)
+    results = ring.submit_rw(addrs, counts)  # six reads, three frames: no waiting
+    assert list(results[:3]) == [6, 7, 8]
+    assert list(results[3:]) == [-errno.EAGAIN] * 3
+    assert [bytes(r[0] + r[1])[: results[i]] for i, r in enumerate(rows[:3])] == [b"frame0", b"frame1x", b"frame2xx"]
+
+
+def test_errors_come_back_per_request(pair, ring):
+    a, b = pair
+    ring.prefill(IORING_OP_WRITEV, a.fileno())
+    b.shutdown(socket.SHUT_RD)
+    iov, addrs, counts = iovecs([[bytearray(b"x")], [bytearray(b"y")]])
+    assert list(ring.submit_rw(addrs, counts)) == [-errno.EPIPE, -errno.EPIPE]
+
+
+def test_batches_that_wrap_the_ring_keep_row_order(pair, ring):
+    a, b = pair
+    ring.prefill(IORING_OP_WRITEV, a.fileno())
+    sent = []
+    for batch in range(5):  # 3 rows a batch on 4 slots: most batches wrap the SQE array
+        rows = [[bytearray(b"b%dr%d" % (batch, i))] for i in range(3)]
         iov, addrs, counts = iovecs(rows)
-        results = ring.submit_rw(addrs, counts)
-        assert list(results) == [sum(len(x) for x in r) for r in rows]
-        for r in rows:
-            assert b.recv(1000) == b"".join(r)
-    finally:
-        ring.close()
+        assert list(ring.submit_rw(addrs, counts)) == [len(r[0]) for r in rows]
+        sent += [bytes(r[0]) for r in rows]
+    assert [b.recv(100) for _ in sent] == sent
 
 
-def test_readv_batch_fills_rows_and_says_eagain_when_empty(pair):
-    a, b = pair
-    ring = IoUring(4)
-    try:
-        ring.prefill(IORING_OP_READV, a.fileno())
-        for i in range(3):
-            b.send(b"frame%d" % i + b"x" * i)
-        rows = [[bytearray(3), bytearray(20)] for _ in range(6)]
-        iov, addrs, counts = iovecs(rows)
-        results = ring.submit_rw(addrs, counts)  # six reads, three frames: no waiting
-        assert list(results[:3]) == [6, 7, 8]
-        assert list(results[3:]) == [-errno.EAGAIN] * 3
-        assert [bytes(r[0] + r[1])[: results[i]] for i, r in enumerate(rows[:3])] == [b"frame0", b"frame1x", b"frame2xx"]
-    finally:
-        ring.close()
-
-
-def test_errors_come_back_per_request(pair):
-    a, b = pair
-    ring = IoUring(4)
-    try:
-        ring.prefill(IORING_OP_WRITEV, a.fileno())
-        b.shutdown(socket.SHUT_RD)
-        iov, addrs, counts = iovecs([[bytearray(b"x")], [bytearray(b"y")]])
-        assert list(ring.submit_rw(addrs, counts)) == [-errno.EPIPE, -errno.EPIPE]
-    finally:
-        ring.close()
-
-
-def test_batches_that_wrap_the_ring_keep_row_order(pair):
-    a, b = pair
-    ring = IoUring(4)
-    try:
-        ring.prefill(IORING_OP_WRITEV, a.fileno())
-        sent = []
-        for batch in range(5):  # 3 rows a batch on 4 slots: most batches wrap the SQE array
-            rows = [[bytearray(b"b%dr%d" % (batch, i))] for i in range(3)]
-            iov, addrs, counts = iovecs(rows)
-            assert list(ring.submit_rw(addrs, counts)) == [len(r[0]) for r in rows]
-            sent += [bytes(r[0]) for r in rows]
-        assert [b.recv(100) for _ in sent] == sent
-    finally:
-        ring.close()
-
-
-def test_the_registered_file_is_held_until_close(pair):
+def test_the_registered_file_is_held_until_close(pair, ring):
     """prefill registers the file with the ring: the requests work after the caller closed its
     fd, and close() gives the file back (the peer then sees the end)."""
     a, b = pair
-    ring = IoUring(4)
     fd = os.dup(a.fileno())
     ring.prefill(IORING_OP_WRITEV, fd)
     os.close(fd)
