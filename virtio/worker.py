@@ -12,6 +12,8 @@ import select
 import threading
 from typing import Callable
 
+from vmm.threadname import set_os_thread_name
+
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +48,7 @@ class IoThread:
         self._thread.start()
 
     def _run(self) -> None:
+        set_os_thread_name(self.name)
         handlers, stop_fd = self._handlers, self._stop_fd
         try:
             while True:

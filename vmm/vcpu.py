@@ -14,6 +14,7 @@ import threading
 from kernel.x86 import translate
 from .kvm import exits
 from .kvm import structs as s
+from .threadname import set_os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class VcpuThread(threading.Thread):
         self.exits = 0
 
     def run(self) -> None:
+        set_os_thread_name(self.name)
         try:
             self._loop()
         except Exception as e:  # our own bug: say what and where, stop the VM with status 1
