@@ -66,6 +66,8 @@ BATCH_RING_ENTRIES = 256  # io_uring submission queue of a batch path
 RX_HINT_MIN = 8  # the fewest reads an RX batch submits
 # With MRG_RXBUF, frames in a row that fit one chain before long-frame reads give way to batches.
 RX_SHORT_RUN = 256
+# ...and the chains they fill before those frames are handed over (used.idx) while more are read.
+RX_PUBLISH_CHAINS = 64
 # What an RX batch says comes next.
 MORE, TAP_EMPTY, NO_BUFFERS, UNUSUAL = "more", "tap empty", "no buffers", "unusual chain"
 TX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS)
@@ -310,7 +312,7 @@ class NetBatches:
         first = batch.first
         mem, guest_csum = self.mem.bytes_view, self._guest_csum
         scratch = int(p.scratch_iov[0])
-        pos = frames = dropped = spanning = received = 0
+        pos = published = frames = dropped = spanning = received = 0
         state = MORE
         while frames + dropped < limit:
             before = ends_l[pos - 1] if pos else 0  # the bytes of the chains before pos
@@ -356,9 +358,15 @@ class NetBatches:
             if pos == count:
                 state = NO_BUFFERS
                 break
+            if pos - published >= RX_PUBLISH_CHAINS:  # hand these over now: the driver refills meanwhile
+                reader.consume(pos - published)
+                reader.complete(batch.heads[published:pos], used[published:pos])
+                queue.publish_used()
+                published = pos
+        if pos > published:
+            reader.consume(pos - published)
+            reader.complete(batch.heads[published:pos], used[published:pos])
         if frames:
-            reader.consume(pos)
-            reader.complete(batch.heads[:pos], used[:pos])
             p.stats.rx_frames += frames
             p.stats.rx_bytes += received
             if spanning:

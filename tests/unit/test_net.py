@@ -80,7 +80,8 @@ from virtio.net import (
     parse_net_spec,
     tun_offload_flags,
 )
-from virtio.net_batch import RX_SHORT_RUN
+from virtio import net_batch
+from virtio.net_batch import RX_PUBLISH_CHAINS, RX_SHORT_RUN
 from virtio.net_hdr import (
     NET_HDR_SIZE,
     VIRTIO_NET_HDR,
@@ -956,6 +957,46 @@ def test_rx_mergeable_stream_of_long_frames(make_dev, mem, split, size):
     assert all(VIRTIO_NET_HDR.unpack(h)[6] == 1 for h, _ in got)
     assert not p.rx_long
     assert not dev.tap.device_side_pending()
+
+
+@pytest.mark.parametrize("make_dev", [True], ids=["batches"], indirect=True)  # (one chain at a time: PUBLISH_EVERY)
+def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem, monkeypatch):
+    """Reading a run of long frames, the batch path hands over (used.idx) the chains of the frames
+    it has read every RX_PUBLISH_CHAINS chains, not only at the end: a driver refills those while
+    the rest are read, so the next batch finds buffers instead of an empty ring to wait on."""
+    dev = make_dev(queue_size=256)
+    drv = Driver(mem, dev, size=256)
+    assert drv.negotiate()
+    p = dev.pair_state(0)
+    header = hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16)
+    first = frame_of(65550, seed=0)
+    drv.post_rx([2048] * 256)
+    dev.tap.send(header + first)
+    dev.process_rx(0)
+    assert [f for _, f in drv.received()] == [first]  # (and now reading long frames)
+    assert p.rx_reader is not None and p.rx_long
+    seen = []  # used.idx as each read starts
+    real = net_batch._readv
+
+    def readv(fd, iov, count):
+        seen.append(drv.rxq().used_idx)
+        return real(fd, iov, count)
+
+    monkeypatch.setattr(net_batch, "_readv", readv)
+    frames = [frame_of(20000 + 1000 * i, seed=i) for i in range(6)]  # 10-13 chains each: 69 in all
+    dev.tap.host().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    for f in frames:
+        dev.tap.send(header + f)
+    before = drv.rxq().used_idx
+    dev.process_rx(0)
+    got = drv.received()
+    assert [f for _, f in got] == frames
+    chains = [-(-(NET_HDR_SIZE + len(f)) // 2048) for f in frames]
+    # the reads after the frames that filled RX_PUBLISH_CHAINS chains saw those frames' chains used
+    handed = next(i for i in range(len(chains)) if sum(chains[: i + 1]) >= RX_PUBLISH_CHAINS) + 1
+    assert seen[handed] == (before + sum(chains[:handed])) & 0xFFFF
+    assert seen[:handed] == [before] * handed
+    assert drv.rxq().used_idx == (before + sum(chains)) & 0xFFFF
 
 
 def test_rx_mergeable_small_buffers_without_guest_csum(make_dev, mem):
