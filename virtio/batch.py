@@ -61,6 +61,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 # as numpy scalars of the fields' types (an operation with a Python int costs more)
 _ONE = np.uint64(1)
 _F_NEXT, _F_WRITE, _F_INDIRECT = (np.uint16(f) for f in (VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT))
+_WRITABLE = _F_NEXT | _F_WRITE
 
 
 @dataclass
@@ -91,7 +92,9 @@ class BatchReader:
         self.direct = mem.direct_limit - mem.direct_limit % DESC_SIZE
         self._direct = np.uint64(self.direct)
         self.host_base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        self._host_base = np.uint64(self.host_base)
         size = queue.size
+        self._size = np.uint16(size) if size <= 0xFFFF else size  # (a queue is at most 32768)
         self._mask = size - 1
         # The whole mapping as descriptors (an indirect table at a 16-aligned guest address below
         # direct is rows addr/16...), as bytes, and the queue's rings.
@@ -104,6 +107,7 @@ class BatchReader:
         self._avail = np.frombuffer(buf, dtype="<u2", count=size, offset=avail_off + 4)
         self._used = np.frombuffer(buf, dtype="<u4", count=2 * size, offset=used_off + 4).reshape(size, 2)
         self._arange = np.arange(2 * MAX_BATCH, dtype=np.int64)
+        self._ones = np.ones(MAX_BATCH, dtype=np.int64)
         self._iov = np.zeros((MAX_BATCH, MAX_BATCH_DESCRIPTORS, 2), dtype=np.uint64)
         self._iov_addresses = self._iov.ctypes.data + self._arange[:MAX_BATCH].astype(np.uint64) * np.uint64(
             self._iov.strides[0]
@@ -141,10 +145,10 @@ class BatchReader:
         size = queue.size
         start = queue.next_avail & self._mask
         heads = self._avail.take(self._arange[start : start + n], mode="wrap")  # our copy of the ring's entries
-        ok = heads < size
+        ok = heads < self._size
         d = self._ram[self._table : self._table + size].take(heads, mode="clip")  # (a bad head: not ok)
         flags, addr, length = d["flags"], d["addr"], d["len"]
-        fetch = self._fetcher(size)
+        fetch = None
 
         if np.count_nonzero(flags & _F_INDIRECT):  # (count_nonzero: a cheaper any())
             indirect = (flags & _F_INDIRECT) != 0
@@ -169,17 +173,19 @@ class BatchReader:
         else:
             limits = size
 
-        way = _F_NEXT | _F_WRITE if writable else _F_NEXT
+        way = _WRITABLE if writable else _F_NEXT
         iov = self._iov[:n]
         first_addr = addr
-        ok &= self._buffer_ok(flags, addr, length, way) & (length >= min_first)
-        iov[:, 0, 0] = addr + self.host_base
+        ok &= self._buffer_ok(flags, addr, length, way) & (length >= np.uint32(min_first))
+        iov[:, 0, 0] = addr + self._host_base
         iov[:, 0, 1] = length
         lengths = length.astype(np.int64)
-        counts = np.ones(n, dtype=np.int64)
+        counts = self._ones[:n].copy()
         active = ok & ((flags & _F_NEXT) != 0)
         k = 1
         while np.count_nonzero(active):
+            if fetch is None:
+                fetch = self._fetcher(size)
             if k == MAX_BATCH_DESCRIPTORS:
                 ok &= ~active  # longer than we take here
                 break
@@ -192,13 +198,15 @@ class BatchReader:
             good = self._buffer_ok(flags, addr, length, way)
             ok &= good | ~active
             active &= good
-            iov[:, k, 0] = addr + self.host_base
+            iov[:, k, 0] = addr + self._host_base
             iov[:, k, 1] = length
             counts += active
             lengths += length * active
             active &= (flags & _F_NEXT) != 0
             k += 1
-        ok &= (lengths >= min_length) & (lengths <= max_length)
+        # (with one buffer per chain and the defaults, nothing to check: each is non-empty, under 4 GiB)
+        if k > 1 or min_length > 1 or max_length < MAX_CHAIN_BYTES:
+            ok &= (lengths >= np.int64(min_length)) & (lengths <= np.int64(max_length))
         if k > max_buffers:
             ok &= counts <= max_buffers
         m = n if np.count_nonzero(ok) == n else int(ok.argmin())
