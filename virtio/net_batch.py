@@ -270,7 +270,9 @@ class NetBatches:
         which a frame of tens of KiB well pays for; after RX_SHORT_RUN frames in a row that
         fitted one chain, _rx_batch takes over again.  Chains beyond the last frame stay in
         the ring; when those available cannot hold a largest frame, the driver is asked for a
-        kick and nothing is read meanwhile, as in the one-chain path."""
+        kick and nothing is read meanwhile, as in the one-chain path.  Every RX_PUBLISH_CHAINS
+        chains filled, the frames read so far are handed over (used.idx, and the interrupt if the
+        driver asked for one): it refills those while the rest are read."""
         reader, need = p.rx_reader, self._rx_need
         while True:
             seen = min(queue.available(), MAX_BATCH)  # (what peek walks: the driver may add more meanwhile)
@@ -362,6 +364,8 @@ class NetBatches:
                 reader.consume(pos - published)
                 reader.complete(batch.heads[published:pos], used[published:pos])
                 queue.publish_used()
+                if queue.needs_notification():  # (a driver that waits for an interrupt to look)
+                    self.signal_used(p.rx)
                 published = pos
         if pos > published:
             reader.consume(pos - published)

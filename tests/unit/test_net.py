@@ -962,8 +962,9 @@ def test_rx_mergeable_stream_of_long_frames(make_dev, mem, split, size):
 @pytest.mark.parametrize("make_dev", [True], ids=["batches"], indirect=True)  # (one chain at a time: PUBLISH_EVERY)
 def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem, monkeypatch):
     """Reading a run of long frames, the batch path hands over (used.idx) the chains of the frames
-    it has read every RX_PUBLISH_CHAINS chains, not only at the end: a driver refills those while
-    the rest are read, so the next batch finds buffers instead of an empty ring to wait on."""
+    it has read every RX_PUBLISH_CHAINS chains, not only at the end, with the interrupt a driver
+    waiting on its used_event asked for: it refills those while the rest are read, so the next
+    batch finds buffers instead of an empty ring to wait on."""
     dev = make_dev(queue_size=256)
     drv = Driver(mem, dev, size=256)
     assert drv.negotiate()
@@ -975,11 +976,11 @@ def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem,
     dev.process_rx(0)
     assert [f for _, f in drv.received()] == [first]  # (and now reading long frames)
     assert p.rx_reader is not None and p.rx_long
-    seen = []  # used.idx as each read starts
+    seen = []  # (used.idx, interrupts so far) as each read starts
     real = net_batch._readv
 
     def readv(fd, iov, count):
-        seen.append(drv.rxq().used_idx)
+        seen.append((drv.rxq().used_idx, len(drv.interrupts)))
         return real(fd, iov, count)
 
     monkeypatch.setattr(net_batch, "_readv", readv)
@@ -988,15 +989,18 @@ def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem,
     for f in frames:
         dev.tap.send(header + f)
     before = drv.rxq().used_idx
+    drv.rxq().set_used_event(before)  # (an interrupt for the next used element)
+    drv.interrupts.clear()
     dev.process_rx(0)
     got = drv.received()
     assert [f for _, f in got] == frames
     chains = [-(-(NET_HDR_SIZE + len(f)) // 2048) for f in frames]
     # the reads after the frames that filled RX_PUBLISH_CHAINS chains saw those frames' chains used
     handed = next(i for i in range(len(chains)) if sum(chains[: i + 1]) >= RX_PUBLISH_CHAINS) + 1
-    assert seen[handed] == (before + sum(chains[:handed])) & 0xFFFF
-    assert seen[:handed] == [before] * handed
+    assert seen[handed] == ((before + sum(chains[:handed])) & 0xFFFF, 1)
+    assert seen[:handed] == [(before, 0)] * handed
     assert drv.rxq().used_idx == (before + sum(chains)) & 0xFFFF
+    assert drv.interrupts == [dev.pair_state(0).rx]  # (used_event not moved since: no second one)
 
 
 def test_rx_mergeable_small_buffers_without_guest_csum(make_dev, mem):
