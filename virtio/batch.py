@@ -106,6 +106,9 @@ class BatchReader:
         self._table = desc_off // DESC_SIZE if desc_off % DESC_SIZE == 0 else None
         self._avail = np.frombuffer(buf, dtype="<u2", count=size, offset=avail_off + 4)
         self._used = np.frombuffer(buf, dtype="<u4", count=2 * size, offset=used_off + 4).reshape(size, 2)
+        # where used ring slot i's `len` is in the mapping: used_len_base + 8 * (i & used_mask)
+        self.used_len_base = used_off + 8  # (struct virtq_used: flags, idx, then ring[] of (id, len))
+        self.used_mask = self._mask
         self._arange = np.arange(2 * MAX_BATCH, dtype=np.int64)
         self._ones = np.ones(MAX_BATCH, dtype=np.int64)
         self._iov = np.zeros((MAX_BATCH, MAX_BATCH_DESCRIPTORS, 2), dtype=np.uint64)
@@ -240,6 +243,14 @@ class BatchReader:
     def complete(self, heads: np.ndarray, lengths: np.ndarray) -> None:
         """Used elements (head, bytes written) for these chains, in order; used.idx is not
         written (Queue.publish_used)."""
+        self.stage(heads, lengths)
+        self.commit(len(heads))
+
+    def stage(self, heads: np.ndarray, lengths: np.ndarray) -> None:
+        """Write used elements for these chains in the slots from next_used on, without counting
+        them yet (commit): a device that learns a length later rewrites it there (slot
+        next_used + k's `len` is at used_len_base + 8 * ((next_used + k) & used_mask)).  Those slots are free: the driver has at most the queue's size
+        of buffers out, so the ones it has yet to read in the used ring are elsewhere."""
         queue = self.queue
         count = len(heads)
         start = queue.next_used & self._mask
@@ -251,7 +262,10 @@ class BatchReader:
             slots = (start + self._arange[:count]) & self._mask
             self._used[slots, 0] = heads
             self._used[slots, 1] = lengths
-        queue.next_used = (queue.next_used + count) & 0xFFFF
+
+    def commit(self, count: int) -> None:
+        """The next `count` staged used elements are done (still unpublished: publish_used)."""
+        self.queue.next_used = (self.queue.next_used + count) & 0xFFFF
 
     def write_u16(self, addresses: np.ndarray, value: int) -> None:
         """Store a little-endian 16-bit `value` at each guest address (below direct, checked by

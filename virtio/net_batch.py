@@ -74,6 +74,7 @@ TX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS)
 RX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS) - 1  # and the scratch byte
 
 _U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 _libc = ctypes.CDLL(None, use_errno=True)
 _readv = _libc.readv  # (an iovec array we built: os.readv wants a list of buffers)
 _readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -105,6 +106,7 @@ class NetBatches:
                     base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
                     p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
                     # _rx_merge_batch's iovec array: every buffer of a peek, and a row for the scratch byte
+                    # (after IOV_MAX - 1 tiny buffers)
                     p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
                     p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
                     p.rx_flat_address = p.rx_flat.ctypes.data
@@ -260,11 +262,13 @@ class NetBatches:
     def _rx_merge_batch(self, p: _Pair, queue: Queue, limit: int) -> tuple[int, str]:
         """With MRG_RXBUF, while frames longer than a chain come (a TCP stream with GUEST_TSO: up
         to 64 KiB in 2-4 KiB buffers): every available chain is walked at once (BatchReader), and
-        each frame is read straight into as many of them as the largest frame needs, one readv
-        whose iovec runs from the next unused chain over the following ones (then the scratch
-        byte); the frame uses the chains it filled (num_buffers of them), the next read starts
-        after them.  The used elements and headers are written together at the end, as in
-        _rx_batch; returns the same (frames, what next).
+        each frame is read straight into as many of them as the largest frame and one byte more
+        need, one readv whose iovec runs from the next unused chain over the following ones (a
+        frame that fills all of them may have been cut short: dropped); the frame uses the chains
+        it filled (num_buffers of them), the next read starts after them.  The used elements are
+        staged for every chain with all it holds before the reads, and the last chain of each
+        frame gets its length as the frame is read; returns the same (frames, what next) as
+        _rx_batch.
 
         Reads here go one system call each (a read's start depends on the last one's length),
         which a frame of tens of KiB well pays for; after RX_SHORT_RUN frames in a row that
@@ -284,7 +288,7 @@ class NetBatches:
                 return 0, NO_BUFFERS
             count = len(batch)
             ends = np.cumsum(batch.lengths)  # the bytes chains[:i + 1] hold
-            if count and ends[-1] >= need:
+            if count and ends[-1] > need:  # (room for a largest frame and a byte: below)
                 break
             if count < seen or int(batch.counts.sum()) >= queue.size:
                 # an unusual chain comes next, or all we see may be the whole table: the one-chain
@@ -308,31 +312,31 @@ class NetBatches:
         else:  # (the usual: one buffer per chain)
             flat[:count] = batch.iov[:, 0]
             starts = None
-        words, base, fd = p.rx_flat_words, p.rx_flat_address, p.fd
+        base, fd = p.rx_flat_address, p.fd
         ends_l = ends.tolist()
-        used = batch.lengths.copy()  # what each chain gets: all it holds, but the last of a frame
-        first = batch.first
+        # Every chain's used element is written now, with all it holds (what it gets unless it is
+        # the last of a frame: that one's length is written when its frame is read); they are
+        # handed over as frames fill them.  (Slots past used.idx: the driver reads none of them.)
+        used0 = queue.next_used
+        reader.stage(batch.heads, batch.lengths)
+        used_len, used_mask = reader.used_len_base, reader.used_mask
+        first = batch.first.tolist()
         mem, guest_csum = self.mem.bytes_view, self._guest_csum
-        scratch = int(p.scratch_iov[0])
-        pos = published = frames = dropped = spanning = received = 0
+        window = need + 1  # (a read that fills its window may have been cut short)
+        pos = published = frames = dropped = received = before = 0  # before: the bytes of the chains before pos
         state = MORE
         while frames + dropped < limit:
-            before = ends_l[pos - 1] if pos else 0  # the bytes of the chains before pos
-            end = bisect.bisect_left(ends_l, before + need, pos)  # the chain that completes room for a largest frame
+            end = bisect.bisect_left(ends_l, before + window, pos)  # the chain that completes the window
             if end == count:
                 state = NO_BUFFERS  # (unless the driver added some meanwhile: below)
                 break
             first_row, end_row = (pos, end + 1) if starts is None else (starts[pos], starts[end + 1])
             rows = end_row - first_row
-            room = ends_l[end] - before
-            if rows >= IOV_MAX:  # (tiny buffers: what one readv takes)
-                rows = IOV_MAX - 1
-                room = int(flat[first_row : first_row + rows, 1].sum())
-            w = 2 * (first_row + rows)  # the scratch byte's iovec in the row after the window, for this read
-            saved = words[w], words[w + 1]
-            words[w], words[w + 1] = scratch, 1
-            n = _readv(fd, base + _IOVEC_SIZE * first_row, rows + 1)
-            words[w], words[w + 1] = saved
+            if rows < IOV_MAX:
+                n = _readv(fd, base + _IOVEC_SIZE * first_row, rows)
+                room = ends_l[end] - before - 1
+            else:  # (tiny buffers: what one readv takes)
+                n, room = self._rx_read_tiny(p, first_row)
             if n <= 0:
                 err = ctypes.get_errno() if n < 0 else 0
                 if n == 0:  # end of file: a socket backend closed
@@ -348,32 +352,31 @@ class NetBatches:
                                 self.name, self.tap.name, room)
                 continue
             last = bisect.bisect_left(ends_l, before + n, pos)  # the chain that holds its last byte
-            used[last] = before + n - (ends_l[last - 1] if last else 0)
-            header = int(first[pos])
+            _U32.pack_into(mem, used_len + 8 * ((used0 + last) & used_mask), before + n - (ends_l[last - 1] if last else 0))
+            header = first[pos]
             _U16.pack_into(mem, header + NUM_BUFFERS_OFFSET, last - pos + 1)
             if not guest_csum:
                 mem[header] = 0
-            spanning += last > pos
             received += n - NET_HDR_SIZE
             frames += 1
-            pos = last + 1
+            pos, before = last + 1, ends_l[last]
             if pos == count:
                 state = NO_BUFFERS
                 break
             if pos - published >= RX_PUBLISH_CHAINS:  # hand these over now: the driver refills meanwhile
                 reader.consume(pos - published)
-                reader.complete(batch.heads[published:pos], used[published:pos])
+                reader.commit(pos - published)
                 queue.publish_used()
                 if queue.needs_notification():  # (a driver that waits for an interrupt to look)
                     self.signal_used(p.rx)
                 published = pos
         if pos > published:
             reader.consume(pos - published)
-            reader.complete(batch.heads[published:pos], used[published:pos])
+            reader.commit(pos - published)
         if frames:
             p.stats.rx_frames += frames
             p.stats.rx_bytes += received
-            if spanning:
+            if pos > frames:  # (a frame took more than one chain)
                 p.rx_short_run = 0
             else:
                 p.rx_short_run += frames
@@ -385,6 +388,19 @@ class NetBatches:
             if queue.enable_notification(count - pos):
                 state = MORE
         return frames + dropped, state
+
+    def _rx_read_tiny(self, p: _Pair, first_row: int) -> tuple[int, int]:
+        """A long-frame read over more buffers than one readv takes (tiny ones): into the first
+        IOV_MAX - 1 from rx_flat row `first_row`, then the scratch byte (in the row after them
+        for this read); (the result, the bytes those buffers hold)."""
+        rows = IOV_MAX - 1
+        room = int(p.rx_flat[first_row : first_row + rows, 1].sum())
+        words, w = p.rx_flat_words, 2 * (first_row + rows)
+        saved = words[w], words[w + 1]
+        words[w], words[w + 1] = int(p.scratch_iov[0]), 1
+        n = _readv(p.fd, p.rx_flat_address + _IOVEC_SIZE * first_row, rows + 1)
+        words[w], words[w + 1] = saved
+        return n, room
 
     def _rx_set_aside(self, p: _Pair, reader: BatchReader, batch: Batch, row: int, length: int) -> None:
         """Frame `row` of an RX batch cannot be handed over yet (MRG_RXBUF: it, or one before it,

@@ -219,3 +219,34 @@ def test_device_limits_end_the_batch(memories):
         assert mem.read(int(batch.first[0]) + 10, 2) == b"\x34\x12"
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("start", [0, 13], ids=["from-0", "round-the-end"])
+def test_staged_used_elements_count_only_once_committed(memories, start):
+    """stage() writes used elements past used.idx without handing them over; a length rewritten at
+    used_len_base + 8 * slot before commit() is what the driver gets; commit(k) hands over k."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 16, base=REGION - 8 * KiB, data_base=0x4000, start_idx=start)
+    q = mq.create_queue(event_idx=True)
+    heads = [mq.add_chain([Buf(mq.alloc(64), 64, True)]) for _ in range(6)]
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(16, writable=True)
+        assert len(batch) == 6
+        reader.consume(6)
+        used0 = q.next_used
+        reader.stage(batch.heads, batch.lengths)
+        assert q.next_used == used0  # nothing counted yet
+        q.publish_used()
+        assert mq.used_entries() == []
+        slot = reader.used_len_base + 8 * ((used0 + 1) & reader.used_mask)
+        mem.buffer[slot : slot + 4] = (17).to_bytes(4, "little")
+        reader.commit(2)
+        q.publish_used()
+        assert mq.used_entries() == [(heads[0], 64), (heads[1], 17)]
+        reader.commit(4)
+        q.publish_used()
+        assert mq.used_entries() == [(heads[2], 64), (heads[3], 64), (heads[4], 64), (heads[5], 64)]
+    finally:
+        reader.close()
