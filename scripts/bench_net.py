@@ -518,10 +518,12 @@ def size_class(length: int) -> int:
 
 
 # ---- the VMM runs -------------------------------------------------------------------------------
-def job_for(counts: dict[str, int], mrg: bool = False) -> tuple[list[D.Cmd], dict[int, bytes], list[tuple[str, str, int]]]:
+def job_for(counts: dict[str, int], mrg: bool = False, rx_buffer: int = 0
+            ) -> tuple[list[D.Cmd], dict[int, bytes], list[tuple[str, str, int]]]:
     """The driver job: init, a TX bench per size, an RX bench per size. Returns the commands, the
     memory to load (TX templates) and, per command index, (direction, size name, count)."""
-    cmds = [D.net_init(csum=True, guest_csum=True, host_tso4=True, guest_tso4=True, event_idx=True, mrg_rxbuf=mrg)]
+    cmds = [D.net_init(csum=True, guest_csum=True, host_tso4=True, guest_tso4=True, event_idx=True, mrg_rxbuf=mrg,
+                       rx_buf_size=rx_buffer)]
     load, phases = {}, {}
     addr = TX_BUF
     sizes = [(name, length) for name, length, _ in SIZES if name in counts]
@@ -646,8 +648,8 @@ def child_main(params: str) -> int:
 
 def run_vmm(vmm: str, net: Netns, pktio: Path, program: Path, work: Path, counts: dict[str, int],
             profile: str | None = None, mrg: bool = False, window: int | None = 0,
-            pin: Pinning = Pinning(False)) -> dict:
-    cmds, load, phases = job_for(counts, mrg)
+            pin: Pinning = Pinning(False), rx_buffer: int = 0) -> dict:
+    cmds, load, phases = job_for(counts, mrg, rx_buffer)
     files = {}
     for a, data in load.items():
         f = work / f"load-{a:x}.bin"
@@ -770,6 +772,8 @@ def main(argv=None) -> int:
                     help="pyvmm's I/O thread: wake-ups and time per frame, with cProfile unless 'time' "
                          "(slower: for finding costs, not for the table)")
     ap.add_argument("--sizes", help="only these frame sizes, comma-separated (of 60B, 1514B, 64KiB-TSO)")
+    ap.add_argument("--rx-buffer", type=int, default=0,
+                    help="the guest's RX buffer size with --mrg (default 2048; Linux's grow toward 4096 in a TCP stream)")
     ap.add_argument("--no-pin", action="store_true",
                     help="leave the threads to the scheduler (default: the vCPU on CPU 0, the rest of a VMM run on CPU 1)")
     ap.add_argument("--window", type=int, default=None,
@@ -815,7 +819,7 @@ def main(argv=None) -> int:
             for vmm in vmms:
                 t0 = time.monotonic()
                 res = run_vmm(vmm, net, pktio, program, work, counts, profile=args.profile if vmm == "pyvmm" else None,
-                              mrg=args.mrg, window=args.window, pin=pin)
+                              mrg=args.mrg, window=args.window, pin=pin, rx_buffer=args.rx_buffer)
                 for row in res["rows"]:
                     row["run"] = r
                 runs += res["rows"]
@@ -918,7 +922,7 @@ def main(argv=None) -> int:
         else "not pinned: the scheduler placed the threads",
     ]
     Path(args.json).write_text(json.dumps(dict(table=table, runs=runs, host_runs=host_runs, iperf3_gbit=iperf_runs,
-                                               counts=counts, mrg_rxbuf=args.mrg,
+                                               counts=counts, mrg_rxbuf=args.mrg, rx_buffer=args.rx_buffer or None,
                                                window={n: window_for(l, args.window) for n, l, _ in SIZES if n in counts},
                                                problems=problems, notes=notes,
                                                loadavg=dict(before=load0, after=os.getloadavg())), indent=1))
