@@ -94,7 +94,7 @@ class BatchReader:
         self.host_base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         self._host_base = np.uint64(self.host_base)
         size = queue.size
-        self._size = np.uint16(size) if size <= 0xFFFF else size  # (a queue is at most 32768)
+        self._size = np.uint16(size)  # (a queue has at most 32768 entries)
         self._mask = size - 1
         # The whole mapping as descriptors (an indirect table at a 16-aligned guest address below
         # direct is rows addr/16...), as bytes, and the queue's rings.
@@ -249,8 +249,9 @@ class BatchReader:
     def stage(self, heads: np.ndarray, lengths: np.ndarray) -> None:
         """Write used elements for these chains in the slots from next_used on, without counting
         them yet (commit): a device that learns a length later rewrites it there (slot
-        next_used + k's `len` is at used_len_base + 8 * ((next_used + k) & used_mask)).  Those slots are free: the driver has at most the queue's size
-        of buffers out, so the ones it has yet to read in the used ring are elsewhere."""
+        next_used + k's `len` is at used_len_base + 8 * ((next_used + k) & used_mask)).  Those
+        slots are free: a driver has at most the queue's size of chains out, so the used
+        elements it has yet to read are in other slots (a hostile one only garbles its own)."""
         queue = self.queue
         count = len(heads)
         start = queue.next_used & self._mask
