@@ -425,15 +425,15 @@ class Receiver:
 
 
 class Pinning:
-    """--pin (the default, on two CPUs or more): the guest's vCPU thread alone on CPU 0, everything
-    else of a VMM run (the VMM's other threads, the host's generator and receiver) on CPU 1, the same
-    for both VMMs.  Left to the scheduler, three busy threads on two cores land differently from run
+    """Unless --no-pin (and where CPUs 0 and 1 are ours): the guest's vCPU thread alone on CPU 0,
+    everything else of a VMM run (the VMM's other threads, the host's generator and receiver) on
+    CPU 1, the same for both VMMs.  Left to the scheduler, three busy threads on two cores land differently from run
     to run (an I/O thread sharing the polling vCPU's core runs at half speed), and figures jump."""
 
     VCPU_NAMES = ("vcpu", "CPU ")  # pyvmm's vcpuN; QEMU's "CPU N/KVM" (-name debug-threads=on)
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and len(os.sched_getaffinity(0)) >= 2 and {0, 1} <= os.sched_getaffinity(0)
+        self.enabled = enabled and {0, 1} <= os.sched_getaffinity(0)
 
     def host_side(self, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", "1", *cmd] if self.enabled else cmd
