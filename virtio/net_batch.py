@@ -47,6 +47,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import struct
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,7 @@ _BUFFER_INDEX = np.arange(MAX_BATCH_DESCRIPTORS)
 class NetBatches:
     """VirtioNet's batch paths: TX and RX many frames per system call (see the module)."""
 
-    _said_no_batches = False
+    _said_path = False
 
     def _open_batches(self, p: _Pair) -> None:
         """Give the pair the batch path for its transmitq and its receiveq (with MRG_RXBUF, and
@@ -110,11 +111,20 @@ class NetBatches:
                     p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
                     p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
                     p.rx_flat_address = p.rx_flat.ctypes.data
+            if stat.S_ISCHR(os.fstat(p.fd).st_mode) and any(  # a tap: an empty request moves no frame
+                    ring is not None and ring.probe() == -errno.EOPNOTSUPP for ring in (p.tx_ring, p.rx_ring)):
+                raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring refuses non-blocking (RWF_NOWAIT) tap I/O")
         except OSError as err:
             p.close_batches()
-            if not NetBatches._said_no_batches:
-                NetBatches._said_no_batches = True
-                log.warning("%s: io_uring is not available (%s): one frame per system call", self.name, err)
+            self._say_path(f"one frame per system call (io_uring batches unavailable: {err})", log.warning)
+            return
+        self._say_path("io_uring batches (RWF_NOWAIT), one-chain path for odd chains", log.info)
+
+    def _say_path(self, path: str, say) -> None:
+        """Say once per process which way virtio-net moves frames to and from taps."""
+        if not NetBatches._said_path:
+            NetBatches._said_path = True
+            say("%s: tap I/O path: %s", self.name, path)
 
     def _tx_batch(self, p: _Pair, batch: Batch) -> tuple[int, int]:
         """Write a batch of TX chains to the tap, complete them; (frames sent, their bytes).

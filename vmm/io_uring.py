@@ -208,6 +208,17 @@ class IoUring:
         self.sqes["off"] = position
         self.sqes["rw_flags"] = rw_flags
 
+    def probe(self) -> int:
+        """Run one prefilled request over an empty iovec array; its result (bytes, or -errno).
+
+        On a tap it moves no frame: a read into no buffers returns 0 (or -EAGAIN) and a write
+        shorter than the vnet header is refused (-EINVAL); on a datagram socket it would send or
+        consume an empty message, so callers probe taps only.  What it tells is whether the kernel accepts the
+        prefilled flags for this file at all: Linux 6.1 (Debian 12) answers -EOPNOTSUPP for
+        RWF_NOWAIT on a tap, whose file it does not mark FMODE_NOWAIT; later kernels do."""
+        iovec = np.zeros(2, dtype=np.uint64)  # one struct iovec, never read (length 0)
+        return int(self.submit_rw(np.array([iovec.ctypes.data], dtype=np.uint64), np.zeros(1, dtype=np.uint64))[0])
+
     def submit_rw(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Run one prefilled request per row (readv / writev: addr is an iovec array's address,
         len its entries) and wait for them all; their results (bytes, or -errno) in row order.

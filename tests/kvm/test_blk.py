@@ -72,6 +72,7 @@ def test_features_ok_is_refused_for_features_not_offered(driver, tmp_path):
     assert job.cmds[0].result == D.R_FEATURES
 
 
+@pytest.mark.debian12
 def test_64_mib_pattern_round_trip_and_image_hash(driver, tmp_path):
     size = 64 * MiB
     pattern = os.urandom(size)
@@ -102,6 +103,7 @@ def test_small_segmented_requests_in_every_ring_mode(driver, tmp_path, event_idx
     m.close()
 
 
+@pytest.mark.debian12
 def test_read_only_disk_refuses_writes(driver, tmp_path):
     original = os.urandom(MiB)
     path = image(tmp_path / "ro.img", MiB, original)
@@ -125,6 +127,7 @@ def test_get_id_returns_the_serial(driver, tmp_path):
     assert ident == b"pyvmm-disk-0042".ljust(20, b"\0")
 
 
+@pytest.mark.debian12
 def test_discard_frees_blocks_and_write_zeroes_zeroes(driver, tmp_path):
     size = 16 * MiB
     path = image(tmp_path / "d.img", size, os.urandom(size))
@@ -158,6 +161,7 @@ def test_two_disks_at_once(driver, tmp_path):
     assert open(a, "rb").read() == pa and open(b, "rb").read() == pb
 
 
+@pytest.mark.debian12
 def test_multiqueue_one_queue_per_vcpu(driver, tmp_path):
     size = 2 * MiB
     pattern = os.urandom(size)
@@ -235,6 +239,7 @@ def test_a_second_vm_on_a_locked_image_exits_2(driver, tmp_path):
     assert "in use by another VM" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.debian12
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_flushed_data_survives_sigkill(driver, tmp_path, cache):
     """A child VMM writes and flushes, says so, and is killed with SIGKILL: the data is in the image."""

@@ -1,5 +1,5 @@
-"""The stock kit kernel's own virtio_net driver on pyvmm's virtio-net, fully booted: only where guest
-kernel mode is native (VT-x / AMD-V); elsewhere each test skips and says why.
+"""The stock kit kernel's own virtio_net driver on pyvmm's virtio-net, fully booted: guest kernel mode
+must run natively (the `native` marker): directly on VT-x / AMD-V, inside the nested KVM elsewhere.
 
 Networking rule: the tap, the host side's address and every peer (ping, an HTTP server, iperf3) live in
 a network namespace the test creates and deletes; nothing is sent anywhere else."""
@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.netns import namespace
 
-pytestmark = [pytest.mark.linux, pytest.mark.slow]
+pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.native]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOST, GUEST, MAC = "10.0.2.1", "10.0.2.15", "52:54:00:12:34:56"
 BLOB = 200 << 20
@@ -41,13 +41,6 @@ PEER = textwrap.dedent(f"""
         def log_message(self, *a): pass
     http.server.ThreadingHTTPServer(("{HOST}", 8000), H).serve_forever()
 """)
-
-
-@pytest.fixture(autouse=True)
-def _needs_native(kernel_mode_native):
-    if not kernel_mode_native:
-        pytest.skip("this host's KVM emulates guest kernel mode (no VT-x/AMD-V): the stock kernel cannot reach "
-                    "userspace here; virtio-net is proved through KVM by tests/kvm/test_net_driver.py instead")
 
 
 def sh(ns, *cmd, **kw):

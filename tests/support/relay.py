@@ -1,0 +1,209 @@
+"""Running the tests that need guest kernel mode inside the nested KVM (scripts/nested.py), and
+reporting them with the rest.
+
+Two markers (pyproject.toml) say where a test must run:
+- `native`: it boots a stock kernel to userspace, so guest kernel mode must run natively.  On a host
+  with VT-x/AMD-V it runs here; where this host's KVM emulates kernel mode (or there is no /dev/kvm)
+  it runs inside L1, a Linux guest of QEMU's software CPU whose /dev/kvm is native.
+- `debian12`: it depends on what the host kernel offers (taps, io_uring, O_DIRECT, fallocate).  It
+  runs here as usual, and where this host's kernel is not Debian 12's 6.1 (the one pyvmm promises)
+  it runs a second time in L1, which runs that kernel, as `<name>@debian12`.
+
+All relayed tests go to one L1 in one pytest run, after the host's own tests.  L1's pytest writes
+each report as a JSON line to the share; here every relayed item gets its reports (setup, call,
+teardown) as if it had run here: passed, failed with L1's traceback, or skipped with L1's reason.
+L1's console is echoed live, prefixed `L1| `.  An item that L1 never reported on (L1 timed out or
+crashed) fails, saying why, with the end of L1's console.
+
+PYVMM_NESTED=off keeps everything on this host (native tests then skip where kernel mode is
+emulated, saying so); PYVMM_NESTED_TIMEOUT (seconds, default 2700) bounds the L1 run;
+PYVMM_NESTED_MEM (default 8G) is L1's memory.  Inside L1 (PYVMM_IN_NESTED=1) nothing is relayed.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS_ENV = "PYVMM_RELAY_RESULTS"
+L1_SUFFIX = "@debian12"
+LOG_TAIL = 60
+
+
+def _load_nested():
+    spec = importlib.util.spec_from_file_location("pyvmm_nested", ROOT / "scripts" / "nested.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def host_kernel_mode_native() -> bool:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    from vmm.hostcheck import kernel_mode_native
+
+    return kernel_mode_native()
+
+
+def host_runs_debian12_kernel() -> bool:
+    """Whether this host's kernel is Debian 12's 6.1 (release 6.1.0-N-...)."""
+    release = platform.release()
+    return release.startswith("6.1.0-") and "amd64" in release
+
+
+class RelayedItem(pytest.Item):
+    """A test's second run, in L1 on Debian 12's kernel; its outcome comes from there."""
+
+    def __init__(self, *, target: pytest.Item, **kw):
+        super().__init__(**kw)
+        self.target = target
+        self.own_markers = list(target.own_markers)
+        self.keywords.update(target.keywords)
+
+    def runtest(self):  # pragma: no cover - the relay reports these; they never run here
+        raise RuntimeError("a relayed item runs in L1")
+
+    def reportinfo(self):
+        path, line, _ = self.target.reportinfo()
+        return path, line, self.name
+
+
+class Relay:
+    """The tests sent to L1 and, once run, their reports."""
+
+    def __init__(self, config):
+        self.config = config
+        self.items: dict[str, pytest.Item] = {}  # L1 node id -> the item here that reports it
+        self.reports: dict[str, list] | None = None
+        self.failure = ""
+
+    def take(self, target_nodeid: str, item: pytest.Item) -> None:
+        self.items[target_nodeid] = item
+
+    def owns(self, item: pytest.Item) -> bool:
+        return any(item is mine for mine in self.items.values())
+
+    # -- running L1 -----------------------------------------------------------------
+    def _echo(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"L1| {line}")
+        self._tail.append(line)
+
+    def run(self) -> None:
+        nested = _load_nested()
+        self._tail = collections.deque(maxlen=LOG_TAIL)
+        self.reports = collections.defaultdict(list)
+        with tempfile.TemporaryDirectory(prefix="pyvmm-relay-") as share:
+            results = Path(share) / "reports.jsonl"
+            command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA", "--color=no",
+                       *sorted(self.items)]
+            opts = nested.Options(
+                cpus=min(os.cpu_count() or 1, 4), mem=os.environ.get("PYVMM_NESTED_MEM", "8G"),
+                timeout=float(os.environ.get("PYVMM_NESTED_TIMEOUT", "2700")), cwd=str(ROOT),
+                env={RESULTS_ENV: str(results), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+            self._echo(f"running {len(self.items)} tests in the nested KVM (L1: Debian 12's kernel, QEMU TCG)")
+            try:
+                status = nested.run(command, opts, share=Path(share), on_line=self._echo)
+            except Exception as error:  # a missing qemu, a kit that cannot be built: every relayed test fails
+                status, self.failure = None, f"the nested KVM could not run: {error}"
+            if results.exists():
+                for line in results.read_text().splitlines():
+                    try:
+                        data = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short when L1 stopped
+                    report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+                    self.reports[report.nodeid].append(report)
+        if status is not None and not self.failure and status not in (0, 1):
+            self.failure = {nested.TIMEOUT_STATUS: f"L1 ran past PYVMM_NESTED_TIMEOUT ({opts.timeout:.0f} s)",
+                            nested.NO_STATUS: "L1 stopped without finishing its pytest run"}.get(
+                status, f"L1's pytest exited with status {status}")
+
+    # -- reporting --------------------------------------------------------------------
+    def report(self, item: pytest.Item) -> None:
+        if self.reports is None:
+            self.run()
+        target = next(nodeid for nodeid, mine in self.items.items() if mine is item)
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reports = self.reports.get(target, [])
+        if not any(r.when == "call" or r.outcome != "passed" for r in reports):
+            why = self.failure or "L1's pytest gave no result for it"
+            reports = [pytest.TestReport(item.nodeid, item.location, dict(item.keywords), "failed",
+                                         f"{why}\nthe end of L1's console:\n" + "\n".join(self._tail), "call")]
+        for report in reports:
+            report.nodeid, report.location = item.nodeid, item.location
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+# -- hooks (registered by tests/conftest.py) --------------------------------------------------
+_relay_key = pytest.StashKey[Relay]()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if os.environ.get("PYVMM_IN_NESTED"):
+        return
+    native = [item for item in items if item.get_closest_marker("native")]
+    kernel = [item for item in items if item.get_closest_marker("debian12") and item not in native]
+    off = os.environ.get("PYVMM_NESTED", "auto") == "off"
+    relay_native = bool(native) and not host_kernel_mode_native()
+    if off:
+        if relay_native:
+            skip = pytest.mark.skip(reason="this host's KVM emulates guest kernel mode (no VT-x/AMD-V) and "
+                                           "PYVMM_NESTED=off keeps the test out of the nested KVM")
+            for item in native:
+                item.add_marker(skip)
+        return
+    relay = Relay(config)
+    if relay_native:
+        for item in native:
+            relay.take(item.nodeid, item)
+    if kernel and not host_runs_debian12_kernel():
+        for item in kernel:
+            twin = RelayedItem.from_parent(item.parent, name=item.name + L1_SUFFIX, target=item)
+            relay.take(item.nodeid, twin)
+    if relay.items:
+        config.stash[_relay_key] = relay
+        mine = list(relay.items.values())
+        items[:] = [item for item in items if not relay.owns(item)] + mine
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    relay = item.config.stash.get(_relay_key, None)
+    if relay is None or not relay.owns(item):
+        return None
+    relay.report(item)
+    return True
+
+
+def pytest_runtest_logreport(report):
+    """Inside L1: each report as a JSON line in the share, flushed at once (L1 may be stopped)."""
+    path = os.environ.get(RESULTS_ENV)
+    if not path or not os.environ.get("PYVMM_IN_NESTED"):
+        return
+    config = _config[0]
+    data = config.hook.pytest_report_to_serializable(config=config, report=report)
+    with open(path, "a") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_config: list = [None]
+
+
+def pytest_configure(config):
+    _config[0] = config
