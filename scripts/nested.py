@@ -24,7 +24,8 @@ Usage:
     e.g. scripts/nested.py -- .venv/bin/pyvmm run --cpus 2 --append quiet
 
 Options: --cpus N (L1's vCPUs, default: the host's, at most 4), --mem SIZE (default 8G),
---timeout SECONDS (default 3600; L1 is stopped then and the exit status is 124), --share DIR (the
+--timeout SECONDS (default 3600; L1 is stopped then and the exit status is 124), --idle-timeout
+SECONDS (likewise when L1's console says nothing that long; default never), --share DIR (the
 writable folder, mounted in L1 at the same path; default a fresh temporary one), --env NAME=VALUE
 (repeatable), --scratch SIZE (L1's sparse ext4 /tmp, default 32G), --log FILE (L1's whole console).  The working directory in L1 is the current one.
 
@@ -230,6 +231,7 @@ class Options:
     mem: str = "8G"
     scratch: str = "32G"  # the sparse ext4 disk on L1's /tmp
     timeout: float = 3600.0
+    idle_timeout: float = 0.0  # stop L1 when its console is silent this long (0: never)
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cwd: str = dataclasses.field(default_factory=os.getcwd)
     log: Path | None = None
@@ -308,13 +310,20 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     log = open(opts.log, "w") if opts.log else None
     proc = subprocess.Popen(qemu_command(kit, share, scratch, opts), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    timed_out = threading.Event()
+    timed_out, why = threading.Event(), []
+    last_line = [time.monotonic()]
 
     def watchdog() -> None:
-        if _wait(proc, opts.timeout):
-            return
-        timed_out.set()
-        _stop(proc)
+        """Stop L1 past the timeout, or when its console has been silent for idle_timeout."""
+        deadline = time.monotonic() + opts.timeout
+        while not _wait(proc, 5):
+            now = time.monotonic()
+            silent = now - last_line[0]
+            if now >= deadline or (opts.idle_timeout and silent >= opts.idle_timeout):
+                why.append(f"ran past {opts.timeout:.0f} s" if now >= deadline else f"was silent for {silent:.0f} s")
+                timed_out.set()
+                _stop(proc)
+                return
 
     threading.Thread(target=watchdog, daemon=True, name="nested-watchdog").start()
     try:
@@ -323,6 +332,7 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
             if log:
                 log.write(line + "\n")
                 log.flush()
+            last_line[0] = time.monotonic()
             emit(line)
         proc.wait()
     finally:
@@ -332,7 +342,7 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
             log.close()
     try:
         if timed_out.is_set():
-            emit(f"nested: L1 ran past {opts.timeout:.0f} s and was stopped")
+            emit(f"nested: L1 {why[0]} and was stopped")
             return TIMEOUT_STATUS
         try:
             return int(status_file.read_text().strip())
@@ -383,6 +393,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--mem", default="8G")
     parser.add_argument("--scratch", default="32G", help="size of L1's sparse ext4 /tmp (default 32G)")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="stop L1 when its console is silent this many seconds (default: never)")
     parser.add_argument("--share", type=Path)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--log", type=Path)
@@ -408,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tools()
             print(build(force=args.force))
             return 0
-        opts = Options(cpus=args.cpus, mem=args.mem, scratch=args.scratch, timeout=args.timeout, log=args.log,
+        opts = Options(cpus=args.cpus, mem=args.mem, scratch=args.scratch, timeout=args.timeout,
+                       idle_timeout=args.idle_timeout, log=args.log,
                        env=dict(item.split("=", 1) for item in args.env))
         started = time.monotonic()
         status = run(args.command, opts, share=args.share)

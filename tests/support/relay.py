@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS_ENV = "PYVMM_RELAY_RESULTS"
 L1_SUFFIX = "@debian12"
 LOG_TAIL = 60
+L1_RUNS = 3  # L1 started at most this often for one session's relayed tests
+L1_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test in L1; L1 silent 2 minutes longer is stopped
 
 
 def _load_nested():
@@ -85,7 +88,8 @@ class Relay:
         self.config = config
         self.items: dict[str, pytest.Item] = {}  # L1 node id -> the item here that reports it
         self.reports: dict[str, list] | None = None
-        self.failure = ""
+        self.failure = ""  # why tests without reports have none
+        self.notes: dict[str, str] = {}  # node id -> L1 stopped during it
 
     def take(self, target_nodeid: str, item: pytest.Item) -> None:
         self.items[target_nodeid] = item
@@ -101,22 +105,55 @@ class Relay:
         self._tail.append(line)
 
     def run(self) -> None:
+        """Run every relayed test in L1; where L1 stops before the end (a stall: its console silent
+        past the bound; or its timeout), run the tests left in a fresh L1, the one in progress too,
+        once: a test during which L1 stops twice fails, saying so."""
         nested = _load_nested()
         self._tail = collections.deque(maxlen=LOG_TAIL)
-        self.reports = collections.defaultdict(list)
+        self.reports = {}
+        deadline = time.monotonic() + float(os.environ.get("PYVMM_NESTED_TIMEOUT", "2700"))
+        pending, stopped = sorted(self.items), collections.Counter()
+        for attempt in range(1, L1_RUNS + 1):
+            left = deadline - time.monotonic()
+            if left < 60:
+                self.failure = "no time was left under PYVMM_NESTED_TIMEOUT to run it in L1"
+                return
+            status, why = self._run_once(nested, pending, left)
+            finished = {nodeid for nodeid, reports in self.reports.items()
+                        if any(r.when == "teardown" for r in reports)}
+            unfinished = [nodeid for nodeid in pending if nodeid not in finished]
+            if why is None or not unfinished:
+                if status not in (0, 1) and unfinished:
+                    self.failure = f"L1's pytest exited with status {status}"
+                return
+            current = next((nodeid for nodeid in unfinished if nodeid in self.reports), unfinished[0])
+            stopped[current] += 1
+            self.notes[current] = f"L1 {why} during this test ({stopped[current]} time(s))"
+            pending = [nodeid for nodeid in unfinished if stopped[nodeid] < 2]
+            if not pending:
+                return
+            self._echo(f"L1 {why} during {current}; {len(pending)} tests left for a fresh L1 "
+                       f"(run {attempt + 1} of at most {L1_RUNS})")
+        self.failure = f"L1 stopped early {L1_RUNS} times"
+
+    def _run_once(self, nested, nodeids: list[str], timeout: float) -> tuple[int | None, str | None]:
+        """One L1 with one pytest run over `nodeids`; its reports go into self.reports.  Returns
+        (L1's exit status, why L1 stopped early or None)."""
         with tempfile.TemporaryDirectory(prefix="pyvmm-relay-") as share:
             results = Path(share) / "reports.jsonl"
             command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA", "--color=no",
-                       *sorted(self.items)]
+                       f"--timeout={L1_TEST_TIMEOUT}", *nodeids]
             opts = nested.Options(
-                cpus=min(os.cpu_count() or 1, 4), mem=os.environ.get("PYVMM_NESTED_MEM", "8G"),
-                timeout=float(os.environ.get("PYVMM_NESTED_TIMEOUT", "2700")), cwd=str(ROOT),
+                cpus=min(os.cpu_count() or 1, 4), mem=os.environ.get("PYVMM_NESTED_MEM", "8G"), timeout=timeout,
+                idle_timeout=L1_TEST_TIMEOUT + 120, cwd=str(ROOT),
                 env={RESULTS_ENV: str(results), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
-            self._echo(f"running {len(self.items)} tests in the nested KVM (L1: Debian 12's kernel, QEMU TCG)")
+            self._echo(f"running {len(nodeids)} tests in the nested KVM (L1: Debian 12's kernel, QEMU TCG)")
             try:
                 status = nested.run(command, opts, share=Path(share), on_line=self._echo)
             except Exception as error:  # a missing qemu, a kit that cannot be built: every relayed test fails
-                status, self.failure = None, f"the nested KVM could not run: {error}"
+                self.failure = f"the nested KVM could not run: {error}"
+                return None, None
+            fresh: dict[str, list] = collections.defaultdict(list)
             if results.exists():
                 for line in results.read_text().splitlines():
                     try:
@@ -124,11 +161,13 @@ class Relay:
                     except ValueError:
                         continue  # a line cut short when L1 stopped
                     report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
-                    self.reports[report.nodeid].append(report)
-        if status is not None and not self.failure and status not in (0, 1):
-            self.failure = {nested.TIMEOUT_STATUS: f"L1 ran past PYVMM_NESTED_TIMEOUT ({opts.timeout:.0f} s)",
-                            nested.NO_STATUS: "L1 stopped without finishing its pytest run"}.get(
-                status, f"L1's pytest exited with status {status}")
+                    fresh[report.nodeid].append(report)
+            self.reports.update(fresh)
+        if status == nested.TIMEOUT_STATUS:
+            return status, "stopped responding" if "silent" in "\n".join(self._tail) else "ran out of time"
+        if status == nested.NO_STATUS:
+            return status, "stopped without finishing its pytest run"
+        return status, None
 
     # -- reporting --------------------------------------------------------------------
     def report(self, item: pytest.Item) -> None:
@@ -139,7 +178,7 @@ class Relay:
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         reports = self.reports.get(target, [])
         if not any(r.when == "call" or r.outcome != "passed" for r in reports):
-            why = self.failure or "L1's pytest gave no result for it"
+            why = self.notes.get(target) or self.failure or "L1's pytest gave no result for it"
             reports = [pytest.TestReport(item.nodeid, item.location, dict(item.keywords), "failed",
                                          f"{why}\nthe end of L1's console:\n" + "\n".join(self._tail), "call")]
         for report in reports:
