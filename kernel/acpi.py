@@ -2,9 +2,18 @@
 
 Debian's 6.1 cloud kernel has no MP-table parser, so the guest finds its
 CPUs, the I/O APIC, the PCI root bridge and the serial ports only through
-ACPI: RSDP -> XSDT -> {FADT -> DSDT, MADT, MCFG}.  The platform is
-*hardware-reduced* ACPI (no PM1/GPE blocks, no SCI): power-off goes through
-the FADT's SLEEP_CONTROL_REG and reset through RESET_REG, both I/O ports.
+ACPI: RSDP -> XSDT -> {FADT -> DSDT, MADT, MCFG}.  For direct kernel boot
+the platform is *hardware-reduced* ACPI (no PM1/GPE blocks, no SCI):
+power-off goes through the FADT's SLEEP_CONTROL_REG and reset through
+RESET_REG, both I/O ports.
+
+A firmware boot needs the full (PC) form instead (``AcpiConfig.pm1``): the
+BIOS uses the 8259 PIC and the PIT, and leaves the PIT's IRQ 0 unmasked at
+the BIOS's vector 8 with LINT0 in ExtINT mode.  An OS told the platform is
+hardware-reduced never touches the 8259 (Linux: "no legacy PIC"), so that
+tick arrives as a double fault the moment it enables interrupts.  With a
+full FADT (PM1a event and control blocks, SCI, a FACS) the OS knows the
+8259 is there and masks and reprograms it, as on any PC.
 
 Building happens in two steps so that the same tables serve two ways of
 publishing them:
@@ -56,6 +65,8 @@ DSDT_REVISION = 2  # 2 or more: AML integers are 64 bits
 MCFG_REVISION = 1
 
 # FADT Fixed Feature Flags (5.2.9, Table 5.10)
+PWR_BUTTON = 1 << 4  # no fixed-feature power button
+SLP_BUTTON = 1 << 5  # no fixed-feature sleep button
 RESET_REG_SUP = 1 << 10
 HW_REDUCED_ACPI = 1 << 20
 
@@ -81,6 +92,10 @@ SLP_TYP_SHIFT = 2
 SLP_EN = 1 << 5
 SLEEP_CONTROL_S5 = (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN
 WAK_STS = 1 << 7
+
+# FACS (5.2.10): 64 bytes, 64-byte aligned, no checksum
+FACS_LENGTH = 64
+FACS_VERSION = 2
 
 # MADT (5.2.12)
 PCAT_COMPAT = 1 << 0
@@ -160,6 +175,16 @@ class PciHostConfig:
         return first, self.ecam_base + (self.bus_end + 1) * ECAM_BUS_SIZE - 1
 
 
+@dataclass(frozen=True)
+class Pm1Config:
+    """The PM1a event block (PM1_STS, PM1_EN: 2 + 2 bytes) and control block (PM1_CNT: 2 bytes)
+    of a full FADT, in I/O space, and the SCI's ISA IRQ (level, active high)."""
+
+    event_port: int = 0x604
+    control_port: int = 0x608
+    sci_irq: int = 9
+
+
 @dataclass
 class AcpiConfig:
     """What the tables describe.  CPUs have local APIC ids 0..num_cpus-1.
@@ -184,6 +209,7 @@ class AcpiConfig:
     sleep_status_port: int = 0x601
     reset_port: int = 0x602
     reset_value: int = 0x01
+    pm1: Pm1Config | None = None  # a full FADT with PM1 blocks, SCI and FACS; else hardware-reduced
     iapc_boot_arch: int = IAPC_VGA_NOT_PRESENT
     oem_id: bytes = b"PYVMM "
     oem_table_id: bytes = b"PYVMMACP"
@@ -336,26 +362,42 @@ def generic_address(space: int, address: int, bit_width: int = 8,
     return struct.pack("<BBBBQ", space, bit_width, 0, access_size, address)
 
 
-def fadt(config: AcpiConfig, dsdt_name: str = "DSDT") -> Table:
-    """Fixed ACPI Description Table, revision 6, hardware-reduced."""
+def fadt(config: AcpiConfig, dsdt_name: str = "DSDT", facs_name: str = "FACS") -> Table:
+    """Fixed ACPI Description Table, revision 6: hardware-reduced, or with PM1 blocks (config.pm1)."""
     body = bytearray(FADT_LENGTH - HEADER_LENGTH)
 
     def put(offset: int, fmt: str, *values) -> None:  # offsets as in the spec
         struct.pack_into(fmt, body, offset - HEADER_LENGTH, *values)
 
-    # FIRMWARE_CTRL (36) 0: no FACS on a hardware-reduced platform.
-    # DSDT (40) and X_DSDT (140): filled in by link().
-    # PM1/PM2/PM_TMR/GPE blocks, SCI_INT, SMI_CMD: all 0 (hardware-reduced).
+    # DSDT (40) and X_DSDT (140): filled in by link().  PM2/PM_TMR/GPE blocks, SMI_CMD: 0 (no SMI
+    # command port: the platform is always in ACPI mode, SCI_EN reads 1).
+    pointers = [Pointer(40, 4, dsdt_name, legacy=True), Pointer(140, 8, dsdt_name)]
+    pm1 = config.pm1
+    if pm1 is None:  # hardware-reduced: no FACS, no SCI, no PM1 blocks
+        put(112, "<I", HW_REDUCED_ACPI | RESET_REG_SUP)  # Flags
+    else:
+        pointers.append(Pointer(36, 4, facs_name))  # FIRMWARE_CTRL (X_FIRMWARE_CTRL stays 0)
+        put(46, "<H", pm1.sci_irq)  # SCI_INT
+        put(56, "<I", pm1.event_port)  # PM1a_EVT_BLK
+        put(64, "<I", pm1.control_port)  # PM1a_CNT_BLK
+        put(88, "<BB", 4, 2)  # PM1_EVT_LEN, PM1_CNT_LEN
+        put(112, "<I", PWR_BUTTON | SLP_BUTTON | RESET_REG_SUP)  # Flags
+        put(148, "12s", generic_address(GAS_SYSTEM_IO, pm1.event_port, 32))  # X_PM1a_EVT_BLK
+        put(172, "12s", generic_address(GAS_SYSTEM_IO, pm1.control_port, 16))  # X_PM1a_CNT_BLK
     put(109, "<H", config.iapc_boot_arch)  # IAPC_BOOT_ARCH
-    put(112, "<I", HW_REDUCED_ACPI | RESET_REG_SUP)  # Flags
     put(116, "12s", generic_address(GAS_SYSTEM_IO, config.reset_port))  # RESET_REG
     put(128, "<B", config.reset_value)  # RESET_VALUE
     put(131, "<B", FADT_MINOR_VERSION)  # FADT Minor Version
     put(244, "12s", generic_address(GAS_SYSTEM_IO, config.sleep_control_port))  # SLEEP_CONTROL_REG
     put(256, "12s", generic_address(GAS_SYSTEM_IO, config.sleep_status_port))  # SLEEP_STATUS_REG
     put(268, "8s", config.hypervisor_vendor_id.ljust(8, b" "))  # Hypervisor Vendor Identity
-    pointers = [Pointer(40, 4, dsdt_name, legacy=True), Pointer(140, 8, dsdt_name)]
     return _sdt(config, b"FACP", FADT_REVISION, bytes(body), pointers)
+
+
+def facs() -> Table:
+    """Firmware ACPI Control Structure: no waking vector, no global lock holder, no checksum."""
+    head = struct.pack("<4sIIIII", b"FACS", FACS_LENGTH, 0, 0, 0, 0) + bytes(8)
+    return Table("FACS", (head + bytes([FACS_VERSION])).ljust(FACS_LENGTH, b"\0"), alignment=64)
 
 
 def madt_entries(config: AcpiConfig) -> bytes:
@@ -368,7 +410,11 @@ def madt_entries(config: AcpiConfig) -> bytes:
             out.append(struct.pack("<BBHIII", MADT_LOCAL_X2APIC, 16, 0, cpu, LAPIC_ENABLED, cpu))
     out.append(struct.pack("<BBBBII", MADT_IO_APIC, 12, config.ioapic_id, 0,
                            config.ioapic_address, config.ioapic_gsi_base))
-    for iso in config.interrupt_overrides:
+    overrides = list(config.interrupt_overrides)
+    if config.pm1 is not None:  # the SCI: level-triggered, active high
+        overrides.append(InterruptOverride(config.pm1.sci_irq, config.pm1.sci_irq,
+                                           POLARITY_ACTIVE_HIGH | TRIGGER_LEVEL))
+    for iso in overrides:
         out.append(struct.pack("<BBBBIH", MADT_INTERRUPT_SOURCE_OVERRIDE, 10,
                                iso.bus, iso.source, iso.gsi, iso.flags))
     if config.lint1_nmi:
@@ -507,13 +553,15 @@ def build_tables(config: AcpiConfig, extra_tables: Iterable[Table] = ()) -> list
     validate(config)
     extra = list(extra_tables)
     tables = [fadt(config), dsdt(config), madt(config)]
+    if config.pm1 is not None:
+        tables.append(facs())
     if config.pci is not None and config.pci.ecam_base is not None:
         tables.append(mcfg(config))
     tables += extra
     names = [t.name for t in tables]
     if len(set(names)) != len(names) or {"RSDP", "XSDT"} & set(names):
         raise ValueError(f"table names must be unique: {names}")
-    entries = [name for name in names if name != "DSDT"]  # the FADT points to the DSDT
+    entries = [name for name in names if name not in ("DSDT", "FACS")]  # the FADT points to those
     return [rsdp(config), xsdt(config, entries)] + tables
 
 

@@ -38,10 +38,14 @@ class BootPlan:
     firmware: object | None = None  # a vmm.firmware.FirmwareImage: vCPUs keep KVM's reset state
 
 
-def acpi_config(cpus: int, pci=None) -> acpi.AcpiConfig:
-    from .devices import acpi_pm
+def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConfig:
+    """The tables' view of the machine: hardware-reduced for direct boot; with `pc_platform` (a
+    firmware boot) a full FADT with the PM1 blocks of vmm/devices/acpi_pm1.py."""
+    from .devices import acpi_pm, acpi_pm1
 
+    pm1 = acpi.Pm1Config(acpi_pm1.EVENT_PORT, acpi_pm1.CONTROL_PORT) if pc_platform else None
     return acpi.AcpiConfig(
+        pm1=pm1,
         num_cpus=cpus,
         serial_ports=[(0x3F8, 4)],
         cmos_rtc=True,

@@ -190,9 +190,14 @@ class Machine:
         return None
 
     def _add_firmware_devices(self) -> None:
-        """fw_cfg (filled in _boot_firmware, once the PCI slots are known) and the debug console."""
+        """fw_cfg (filled in _boot_firmware, once the PCI slots are known), the PM1 blocks of the full
+        FADT a firmware boot gets (kernel/acpi.py says why), and the debug console."""
+        from .devices import acpi_pm1
         from .devices.fw_cfg import BASE_PORT as FW_CFG_BASE, PORT_RANGE_SIZE as FW_CFG_SIZE, FwCfg
 
+        pm1 = acpi_pm1.Pm1Control(on_poweroff=self.lifecycle.power_off)
+        self.pio.register(acpi_pm1.CONTROL_PORT, acpi_pm1.CONTROL_SIZE, pm1)
+        self.pio.register(acpi_pm1.EVENT_PORT, acpi_pm1.EVENT_SIZE, pm1.event)
         self.fw_cfg = FwCfg(self.mem)
         self.pio.register(FW_CFG_BASE, FW_CFG_SIZE, self.fw_cfg)
         sink = fw_mod.debug_sink(self.config.firmware_log)
@@ -212,7 +217,7 @@ class Machine:
             raise fw_mod.FirmwareError(str(e)) from None
         from kernel import acpi
 
-        tables = acpi.build_tables(acpi_config(c.cpus, layout.acpi_config()))
+        tables = acpi.build_tables(acpi_config(c.cpus, layout.acpi_config(), pc_platform=True))
         fw_mod.setup_fw_cfg(self.fw_cfg, mem=self.mem, cpus=c.cpus, e820=e820, acpi_tables=tables,
                             bootorder=fw_mod.bootorder_paths(entries) if entries else None,
                             serial_port=COM1_PORT, mmio64_start=layout.mmio64_window[0])

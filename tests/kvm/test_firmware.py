@@ -323,7 +323,8 @@ def test_seabios_sees_our_memory_map_and_cpus(boot_sector, tmp_path):
 @needs_seabios
 def test_acpi_tables_through_the_table_loader_are_pyvmms(boot_sector, tmp_path):
     """After SeaBIOS has run etc/table-loader, guest memory holds exactly the tables pyvmm builds
-    for direct kernel boot, linked at the addresses SeaBIOS chose."""
+    for a firmware boot (the PC form: a full FADT with PM1 blocks and a FACS), linked at the
+    addresses SeaBIOS chose."""
     from virtio.blk import parse_disk_spec
     from vmm.boot import acpi_config
     from vmm.machine import Machine, MachineConfig
@@ -348,7 +349,9 @@ def test_acpi_tables_through_the_table_loader_are_pyvmms(boot_sector, tmp_path):
             addr = m.mem.read_int(addresses["XSDT"] + acpi.HEADER_LENGTH + 8 * i, 8)
             addresses[m.mem.read(addr, 4).decode()] = addr
         addresses["DSDT"] = m.mem.read_int(addresses["FACP"] + 140, 8)  # X_DSDT
-        tables = acpi.build_tables(acpi_config(cpus, m.pci.layout.acpi_config()))
+        addresses["FACS"] = m.mem.read_int(addresses["FACP"] + 36, 4)  # FIRMWARE_CTRL
+        assert addresses["FACS"] % 64 == 0
+        tables = acpi.build_tables(acpi_config(cpus, m.pci.layout.acpi_config(), pc_platform=True))
         assert sorted(addresses) == sorted(t.name for t in tables)
         for name, data in acpi.link(tables, addresses).items():
             assert m.mem.read(addresses[name], len(data)) == data, name

@@ -397,3 +397,46 @@ def test_acpiexec_loads_namespace(tmp_path, placed):
     assert "[Package] Contains 4 Elements:" in out
     assert "[Integer] = 0000000000000005" in out
     assert "[Integer] = 000000000105D041" in out  # EisaId("PNP0501")
+
+
+# ---------------------------------------------------------------- the full (PC) FADT of firmware boots
+
+
+def test_pc_platform_fadt_has_pm1_blocks_sci_and_a_facs():
+    placed = acpi.build(make_config(pm1=acpi.Pm1Config()))
+    tables = by_signature(placed)
+    _, fadt = tables[b"FACP"]
+    facs_addr, facs = tables[b"FACS"]
+    assert facs_addr % 64 == 0 and len(facs) == 64 and struct.unpack_from("<I", facs, 4)[0] == 64
+    assert facs[32] == acpi.FACS_VERSION  # Version
+    assert struct.unpack_from("<I", fadt, 36)[0] == facs_addr  # FIRMWARE_CTRL
+    assert struct.unpack_from("<Q", fadt, 132)[0] == 0  # X_FIRMWARE_CTRL: one of the two only
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert not flags & acpi.HW_REDUCED_ACPI and flags & acpi.RESET_REG_SUP
+    assert flags & acpi.PWR_BUTTON and flags & acpi.SLP_BUTTON  # no fixed-feature buttons
+    assert struct.unpack_from("<H", fadt, 46)[0] == 9  # SCI_INT
+    assert struct.unpack_from("<I", fadt, 48)[0] == 0  # SMI_CMD: always in ACPI mode
+    assert struct.unpack_from("<II", fadt, 56)[0] == 0x604 and struct.unpack_from("<I", fadt, 64)[0] == 0x608
+    assert fadt[88:90] == bytes([4, 2])  # PM1_EVT_LEN, PM1_CNT_LEN
+    assert struct.unpack_from("<I", fadt, 76)[0] == 0 and fadt[91] == 0  # no PM timer
+    assert struct.unpack_from("<BBBBQ", fadt, 148) == (1, 32, 0, 1, 0x604)  # X_PM1a_EVT_BLK
+    assert struct.unpack_from("<BBBBQ", fadt, 172) == (1, 16, 0, 1, 0x608)  # X_PM1a_CNT_BLK
+    # the FACS hangs off the FADT, not the XSDT; the SCI has its override: IRQ 9, level, active high
+    _, xsdt = tables[b"XSDT"]
+    assert facs_addr not in struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    isos = [struct.unpack_from("<BBIH", e, 2) for t, e in madt_entries(tables[b"APIC"][1]) if t == 2]
+    assert (0, 9, 9, acpi.POLARITY_ACTIVE_HIGH | acpi.TRIGGER_LEVEL) in isos
+    for data in placed.values():  # every table but the FACS (which has none) checks out
+        if data[:4] not in (b"FACS",) and not data.startswith(acpi.RSDP_SIGNATURE):
+            assert sum(data) % 256 == 0
+
+
+@needs_iasl
+def test_iasl_reads_the_pc_platform_fadt(tmp_path):
+    paths = write_tables(tmp_path, acpi.build(make_config(pm1=acpi.Pm1Config())))
+    dsl = disassemble(paths[b"FACP"])
+    assert "Hardware Reduced (V5) : 0" in dsl
+    assert "SCI Interrupt : 0009" in dsl
+    assert "PM1A Event Block Address : 00000604" in dsl and "PM1A Control Block Address : 00000608" in dsl
+    facs = disassemble(paths[b"FACS"])
+    assert "Signature : \"FACS\"" in facs and "Version : 02" in facs
