@@ -25,7 +25,9 @@ Usage:
 
 Options: --cpus N (L1's vCPUs, default: the host's, at most 4), --mem SIZE (default 8G),
 --timeout SECONDS (default 3600; L1 is stopped then and the exit status is 124), --idle-timeout
-SECONDS (likewise when L1's console says nothing that long; default never), --share DIR (the
+SECONDS (likewise when L1's console says nothing that long; default never), --stall-timeout SECONDS
+(likewise when L1's heartbeat, written to the share every 5 s, is that old: L1 froze; default 120),
+--share DIR (the
 writable folder, mounted in L1 at the same path; default a fresh temporary one), --env NAME=VALUE
 (repeatable), --scratch SIZE (L1's sparse ext4 /tmp, default 32G), --log FILE (L1's whole console).  The working directory in L1 is the current one.
 
@@ -73,6 +75,7 @@ L1_MODULES = (
 READY_LINE = "NESTED-READY"
 EXIT_PREFIX = "NESTED-EXIT="
 STATUS_FILE = ".nested-status"
+HEARTBEAT_FILE = ".nested-heartbeat"  # L1 rewrites it every 5 s while it runs
 SCRIPT_FILE = ".nested-run.sh"
 TIMEOUT_STATUS = 124
 NO_STATUS = 125
@@ -108,6 +111,8 @@ mkdir -p /mnt/dev/pts /mnt/dev/shm
 mount -t devpts -o ptmxmode=0666 devpts /mnt/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /mnt/dev/shm
 ip link set lo up
+# A heartbeat in the share: the host tells a frozen L1 from a long, quiet command by it.
+(while :; do date +%s > "/mnt$share/.nested-heartbeat"; sleep 5; done) &
 echo NESTED-READY
 chroot /mnt /bin/sh "$share/.nested-run.sh"
 status=$?
@@ -232,6 +237,7 @@ class Options:
     scratch: str = "32G"  # the sparse ext4 disk on L1's /tmp
     timeout: float = 3600.0
     idle_timeout: float = 0.0  # stop L1 when its console is silent this long (0: never)
+    stall_timeout: float = 0.0  # stop L1 when its heartbeat is older than this (0: never)
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cwd: str = dataclasses.field(default_factory=os.getcwd)
     log: Path | None = None
@@ -300,8 +306,9 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     share.mkdir(parents=True, exist_ok=True)
     if any(c.isspace() for c in str(share)):
         raise NestedError(f"the share's path must have no spaces: {share}")
-    status_file = share / STATUS_FILE
+    status_file, heartbeat = share / STATUS_FILE, share / HEARTBEAT_FILE
     status_file.unlink(missing_ok=True)
+    heartbeat.unlink(missing_ok=True)
     (share / SCRIPT_FILE).write_text(run_script(command, opts, share))
     emit = on_line or (lambda line: print(line, flush=True))
     scratch_dir = tempfile.TemporaryDirectory(prefix="pyvmm-nested-scratch-")
@@ -314,13 +321,20 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     last_line = [time.monotonic()]
 
     def watchdog() -> None:
-        """Stop L1 past the timeout, or when its console has been silent for idle_timeout."""
+        """Stop L1 past the timeout, when its console has been silent for idle_timeout, or when its
+        heartbeat is older than stall_timeout (L1 froze: a long, quiet command still beats)."""
         deadline = time.monotonic() + opts.timeout
         while not _wait(proc, 5):
             now = time.monotonic()
             silent = now - last_line[0]
-            if now >= deadline or (opts.idle_timeout and silent >= opts.idle_timeout):
-                why.append(f"ran past {opts.timeout:.0f} s" if now >= deadline else f"was silent for {silent:.0f} s")
+            beat = _heartbeat_age(heartbeat)
+            if now >= deadline:
+                why.append(f"ran past {opts.timeout:.0f} s")
+            elif opts.idle_timeout and silent >= opts.idle_timeout:
+                why.append(f"was silent for {silent:.0f} s")
+            elif opts.stall_timeout and beat is not None and beat >= opts.stall_timeout:
+                why.append(f"stopped responding (no heartbeat for {beat:.0f} s)")
+            if why:
                 timed_out.set()
                 _stop(proc)
                 return
@@ -352,6 +366,14 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     finally:
         if own_share:
             shutil.rmtree(share, ignore_errors=True)
+
+
+def _heartbeat_age(path: Path) -> float | None:
+    """Seconds since L1 last wrote its heartbeat (host clock), or None before the first."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -395,6 +417,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0,
                         help="stop L1 when its console is silent this many seconds (default: never)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="stop L1 when its 5-second heartbeat is this many seconds old (default 120; 0: never)")
     parser.add_argument("--share", type=Path)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--log", type=Path)
@@ -421,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(build(force=args.force))
             return 0
         opts = Options(cpus=args.cpus, mem=args.mem, scratch=args.scratch, timeout=args.timeout,
-                       idle_timeout=args.idle_timeout, log=args.log,
+                       idle_timeout=args.idle_timeout, stall_timeout=args.stall_timeout, log=args.log,
                        env=dict(item.split("=", 1) for item in args.env))
         started = time.monotonic()
         status = run(args.command, opts, share=args.share)

@@ -16,7 +16,7 @@ L1's console is echoed live, prefixed `L1| `.  An item that L1 never reported on
 crashed) fails, saying why, with the end of L1's console.
 
 PYVMM_NESTED=off keeps everything on this host (native tests then skip where kernel mode is
-emulated, saying so); PYVMM_NESTED_TIMEOUT (seconds, default 2700) bounds the L1 run;
+emulated, saying so); PYVMM_NESTED_TIMEOUT (seconds, default 3000) bounds the L1 run;
 PYVMM_NESTED_MEM (default 8G) is L1's memory.  Inside L1 (PYVMM_IN_NESTED=1) nothing is relayed.
 """
 
@@ -38,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS_ENV = "PYVMM_RELAY_RESULTS"
 L1_SUFFIX = "@debian12"
 LOG_TAIL = 60
-L1_RUNS = 3  # L1 started at most this often for one session's relayed tests
+L1_RUNS = 6  # L1 started at most this often for one session's relayed tests
+L1_STOPS_PER_TEST = 3  # a test during which L1 stops this often fails
 L1_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test in L1; L1 silent 2 minutes longer is stopped
+L1_STALL_TIMEOUT = 120  # L1 whose heartbeat is this old (seconds) has frozen: stopped
 
 
 def _load_nested():
@@ -106,12 +108,12 @@ class Relay:
 
     def run(self) -> None:
         """Run every relayed test in L1; where L1 stops before the end (a stall: its console silent
-        past the bound; or its timeout), run the tests left in a fresh L1, the one in progress too,
-        once: a test during which L1 stops twice fails, saying so."""
+        past the bound, or its heartbeat stopped; or its timeout), run the tests left in a fresh L1, the
+        one in progress too: a test during which L1 stops L1_STOPS_PER_TEST times fails, saying so."""
         nested = _load_nested()
         self._tail = collections.deque(maxlen=LOG_TAIL)
         self.reports = {}
-        deadline = time.monotonic() + float(os.environ.get("PYVMM_NESTED_TIMEOUT", "2700"))
+        deadline = time.monotonic() + float(os.environ.get("PYVMM_NESTED_TIMEOUT", "3000"))
         pending, stopped = sorted(self.items), collections.Counter()
         for attempt in range(1, L1_RUNS + 1):
             left = deadline - time.monotonic()
@@ -129,7 +131,7 @@ class Relay:
             current = next((nodeid for nodeid in unfinished if nodeid in self.reports), unfinished[0])
             stopped[current] += 1
             self.notes[current] = f"L1 {why} during this test ({stopped[current]} time(s))"
-            pending = [nodeid for nodeid in unfinished if stopped[nodeid] < 2]
+            pending = [nodeid for nodeid in unfinished if stopped[nodeid] < L1_STOPS_PER_TEST]
             if not pending:
                 return
             self._echo(f"L1 {why} during {current}; {len(pending)} tests left for a fresh L1 "
@@ -145,8 +147,9 @@ class Relay:
                        f"--timeout={L1_TEST_TIMEOUT}", *nodeids]
             opts = nested.Options(
                 cpus=min(os.cpu_count() or 1, 4), mem=os.environ.get("PYVMM_NESTED_MEM", "8G"), timeout=timeout,
-                idle_timeout=L1_TEST_TIMEOUT + 120, cwd=str(ROOT),
-                env={RESULTS_ENV: str(results), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+                idle_timeout=L1_TEST_TIMEOUT + 120, stall_timeout=L1_STALL_TIMEOUT, cwd=str(ROOT),
+                env={RESULTS_ENV: str(results), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+                     "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis"})
             self._echo(f"running {len(nodeids)} tests in the nested KVM (L1: Debian 12's kernel, QEMU TCG)")
             try:
                 status = nested.run(command, opts, share=Path(share), on_line=self._echo)
@@ -164,7 +167,7 @@ class Relay:
                     fresh[report.nodeid].append(report)
             self.reports.update(fresh)
         if status == nested.TIMEOUT_STATUS:
-            return status, "stopped responding" if "silent" in "\n".join(self._tail) else "ran out of time"
+            return status, "ran out of time" if "ran past" in "\n".join(self._tail) else "stopped responding"
         if status == nested.NO_STATUS:
             return status, "stopped without finishing its pytest run"
         return status, None

@@ -79,6 +79,11 @@ FAKE_QEMU = textwrap.dedent("""\
     if mode == "exit":
         open(os.path.join(share, ".nested-status"), "w").write("7\\n")
         print("NESTED-EXIT=7", flush=True)
+    elif mode == "frozen":  # beats once, then no more (while printing, so the console is not silent)
+        open(os.path.join(share, ".nested-heartbeat"), "w").write("1")
+        for _ in range(600):
+            print("still printing", flush=True)
+            time.sleep(1)
     elif mode == "silent":
         open(os.path.join(share, "pid"), "w").write(str(os.getpid()))
         time.sleep(600)
@@ -122,6 +127,13 @@ def test_a_silent_l1_is_stopped_and_killed(fake_qemu, tmp_path, monkeypatch):
         os.kill(pid, 0)
 
 
+def test_a_frozen_l1_is_told_by_its_heartbeat(fake_qemu, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "frozen")
+    lines = []
+    status = nested.run(["true"], nested.Options(stall_timeout=2), share=tmp_path / "share", on_line=lines.append)
+    assert status == nested.TIMEOUT_STATUS and "no heartbeat for" in lines[-1]
+
+
 def test_the_overall_timeout_holds(fake_qemu, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "silent")
     lines = []
@@ -151,7 +163,7 @@ class FakeNested:
                     f.write(json.dumps(self.config.hook.pytest_report_to_serializable(config=self.config,
                                                                                       report=report)) + "\n")
         if scenario and scenario[-1][1] != ("setup", "call", "teardown"):
-            on_line("nested: L1 was silent for 720 s and was stopped")
+            on_line("nested: L1 stopped responding (no heartbeat for 125 s) and was stopped")
             return nested.TIMEOUT_STATUS
         return 0
 
@@ -185,13 +197,15 @@ def test_relay_runs_what_is_left_in_a_fresh_l1_after_a_stall(pytestconfig, monke
     assert "stopped responding during this test (1 time(s))" in relay.notes["t.py::b"]
 
 
-def test_a_test_during_which_l1_stops_twice_is_not_run_again(pytestconfig, monkeypatch):
+def test_a_test_during_which_l1_keeps_stopping_is_not_run_again(pytestconfig, monkeypatch):
     relay, fake = relay_with(pytestconfig, monkeypatch, [
         [("t.py::a", ALL), ("t.py::b", ("setup",))],
         [("t.py::b", ("setup",))],
+        [("t.py::b", ("setup",))],
         [("t.py::c", ALL)]])
-    assert fake.calls[2] == ["t.py::c"]
-    assert "(2 time(s))" in relay.notes["t.py::b"]
+    assert relay_mod.L1_STOPS_PER_TEST == 3
+    assert fake.calls[1] == fake.calls[2] == ["t.py::b", "t.py::c"] and fake.calls[3] == ["t.py::c"]
+    assert "(3 time(s))" in relay.notes["t.py::b"]
     assert [r.when for r in relay.reports["t.py::b"]] == ["setup"]  # reported failed, with the note
 
 
