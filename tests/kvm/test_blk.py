@@ -103,7 +103,6 @@ def test_small_segmented_requests_in_every_ring_mode(driver, tmp_path, event_idx
     m.close()
 
 
-@pytest.mark.debian12
 def test_read_only_disk_refuses_writes(driver, tmp_path):
     original = os.urandom(MiB)
     path = image(tmp_path / "ro.img", MiB, original)
@@ -161,7 +160,6 @@ def test_two_disks_at_once(driver, tmp_path):
     assert open(a, "rb").read() == pa and open(b, "rb").read() == pb
 
 
-@pytest.mark.debian12
 def test_multiqueue_one_queue_per_vcpu(driver, tmp_path):
     size = 2 * MiB
     pattern = os.urandom(size)

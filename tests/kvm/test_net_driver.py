@@ -963,7 +963,6 @@ def test_init_reads_mac_status_mtu_and_negotiates_what_it_is_told(netns, driver,
     run_in_netns(netns, driver, tmp_path, "init")
 
 
-@pytest.mark.debian12
 @pytest.mark.parametrize("opts", [dict(), dict(init=dict(indirect=True), seg_size=256, split_hdr=True),
                                   dict(init=dict(event_idx=True), depth=64)], ids=["plain", "sg", "event-idx"])
 def test_tx_frames_reach_the_tap_byte_for_byte(netns, driver, tmp_path, opts):
@@ -974,14 +973,12 @@ def test_tx_list_sends_each_record(netns, driver, tmp_path):
     run_in_netns(netns, driver, tmp_path, "tx_list")
 
 
-@pytest.mark.debian12
 @pytest.mark.parametrize("init", [dict(), dict(mrg_rxbuf=True), dict(event_idx=True, indirect=True, rx_seg_size=256)],
                          ids=["plain", "mrg", "chained"])
 def test_rx_frames_arrive_byte_for_byte_in_order(netns, driver, tmp_path, init):
     run_in_netns(netns, driver, tmp_path, "rx", count=300, init=init)
 
 
-@pytest.mark.debian12
 def test_echo_sends_every_frame_back_unchanged(netns, driver, tmp_path):
     run_in_netns(netns, driver, tmp_path, "echo", count=3000)
 
@@ -1049,14 +1046,12 @@ def test_rx_minimum_and_mtu_frames_arrive_byte_for_byte(netns, driver, tmp_path,
     assert got["rx_buf_size"] == (2048 if mrg else 1526)
 
 
-@pytest.mark.debian12
 @pytest.mark.parametrize("opts", [dict(), dict(init=dict(indirect=True), seg_size=4096)], ids=["one-buffer", "sg"])
 def test_tx_64k_tso_frame_reaches_the_tap_whole_and_segments_right(netns, driver, tmp_path, opts):
     got = run_in_netns(netns, driver, tmp_path, "tso_tx", vnet_hdr=True, **opts)
     assert got["segments"] == TSO_SEGMENTS
 
 
-@pytest.mark.debian12
 @pytest.mark.parametrize("mrg", [False, True], ids=["big-buffers", "mrg"])
 def test_rx_64k_gso_packet_arrives_whole_with_guest_tso4(netns, driver, tmp_path, mrg):
     got = run_in_netns(netns, driver, tmp_path, "tso_rx", vnet_hdr=True, tso=True, guest_csum=True, mrg=mrg)
