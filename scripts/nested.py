@@ -99,8 +99,17 @@ share=$(param nested.share)
 opts=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "$opts,ro,cache=loose" host /mnt || die "cannot mount the host's / over 9p"
 # /tmp is an ext4 scratch disk, not a tmpfs: O_DIRECT, hole punching and sync behave as on a host disk
+# The working directory stays visible at its path even where it lies under the host's /tmp.
+keep=$(param nested.keep)
+case "$keep" in
+    /tmp/*) mkdir -p /keep && mount -o bind "/mnt$keep" /keep || die "cannot keep $keep" ;;
+    *) keep= ;;
+esac
 mount -t ext4 /dev/vda /mnt/tmp || die "cannot mount the scratch disk on /tmp"
 chmod 1777 /mnt/tmp
+if [ -n "$keep" ]; then
+    mkdir -p "/mnt$keep" && mount -o bind /keep "/mnt$keep" || die "cannot show $keep under the scratch /tmp"
+fi
 mount -t tmpfs -o mode=755 tmpfs /mnt/run || die "no tmpfs on /run"
 mkdir -p "/mnt$share" 2>/dev/null
 mount -t 9p -o "$opts" share "/mnt$share" || die "cannot mount the share at $share"
@@ -266,7 +275,7 @@ def qemu_command(kit: Path, share: Path, scratch: Path, opts: Options) -> list[s
         "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none",
         "-serial", "stdio",
         "-kernel", str(kit / gk.VMLINUZ), "-initrd", str(kit / gk.INITRAMFS),
-        "-append", f"console=ttyS0 quiet loglevel=4 panic=-1 nested.share={share}",
+        "-append", f"console=ttyS0 quiet loglevel=4 panic=-1 nested.share={share} nested.keep={opts.cwd}",
         "-virtfs", f"{virtfs},path=/,mount_tag=host,readonly=on",
         "-virtfs", f"{virtfs},path={share},mount_tag=share",
         "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe,discard=unmap",
@@ -304,8 +313,8 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     own_share = share is None
     share = Path(tempfile.mkdtemp(prefix="pyvmm-nested-")) if own_share else share.resolve()
     share.mkdir(parents=True, exist_ok=True)
-    if any(c.isspace() for c in str(share)):
-        raise NestedError(f"the share's path must have no spaces: {share}")
+    if any(c.isspace() for c in str(share) + opts.cwd):
+        raise NestedError(f"the share's and the working directory's paths must have no spaces: {share}, {opts.cwd}")
     status_file, heartbeat = share / STATUS_FILE, share / HEARTBEAT_FILE
     status_file.unlink(missing_ok=True)
     heartbeat.unlink(missing_ok=True)

@@ -36,7 +36,10 @@ def test_the_script_l1_runs_sets_the_environment_quotes_the_command_and_keeps_it
 
 
 def test_qemu_command_offers_svm_shares_the_host_read_only_and_gives_a_scratch_disk(tmp_path):
-    cmd = nested.qemu_command(Path("/kit"), tmp_path / "share", tmp_path / "s.img", nested.Options(cpus=2, mem="4G"))
+    cmd = nested.qemu_command(Path("/kit"), tmp_path / "share", tmp_path / "s.img",
+                              nested.Options(cpus=2, mem="4G", cwd="/tmp/ci/main"))
+    assert "nested.keep=/tmp/ci/main" in cmd[cmd.index("-append") + 1]  # shown over the scratch /tmp
+    assert "/tmp/*) mkdir -p /keep && mount -o bind" in nested.L1_INIT
     assert cmd[cmd.index("-cpu") + 1] == "max" and cmd[cmd.index("-accel") + 1].startswith("tcg")
     virtfs = [cmd[i + 1] for i, word in enumerate(cmd) if word == "-virtfs"]
     assert any("path=/," in v and "readonly=on" in v for v in virtfs)
