@@ -4,7 +4,7 @@
 The kit is a stock Debian 6.1 cloud kernel plus a small initramfs:
 
     vmlinuz             the kernel (a bzImage), unmodified
-    initramfs.cpio.gz   busybox, the kernel's virtio modules, fio, iperf3, /init
+    initramfs.cpio.gz   busybox, the kernel's virtio modules, fio, iperf3, mkfs.ext4, /init
     config              the kernel's build configuration
     System.map          the kernel's symbol table (when the package has one)
     kit.json            what went in, and the sha256 of every file above
@@ -58,7 +58,7 @@ KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-([0-9]+)-cloud-amd64-unsig
 BUSYBOX_PACKAGE = "busybox-static"
 
 # Guest programs taken from the host, with the Debian package providing each.
-GUEST_TOOLS = {"fio": "fio", "iperf3": "iperf3"}
+GUEST_TOOLS = {"fio": "fio", "iperf3": "iperf3", "mkfs.ext4": "e2fsprogs"}
 
 # The drivers the guest needs, as module names; their dependencies come first
 # in the load order whatever their place here.
