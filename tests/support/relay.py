@@ -164,6 +164,8 @@ class Relay:
                     except ValueError:
                         continue  # a line cut short when L1 stopped
                     report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+                    if report.skipped and isinstance(report.longrepr, list):  # JSON made the tuple a list
+                        report.longrepr = tuple(report.longrepr)  # (the summary folds skips by it)
                     fresh[report.nodeid].append(report)
             self.reports.update(fresh)
         if status == nested.TIMEOUT_STATUS:

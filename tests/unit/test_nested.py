@@ -226,3 +226,23 @@ def test_inside_l1_each_report_is_written_at_once(tmp_path, monkeypatch, pytestc
     back = pytestconfig.hook.pytest_report_from_serializable(config=pytestconfig, data=data)
     assert (back.nodeid, back.outcome, back.when) == ("t.py::a", "failed", "call")
 
+
+
+def test_a_skip_in_l1_comes_back_as_pytest_reports_it(pytestconfig, monkeypatch):
+    """A skipped report's longrepr is a (path, line, reason) tuple; JSON turns it into a list, which
+    pytest's summary of skips cannot fold (an INTERNALERROR at the end of a run)."""
+    class SkippingL1(FakeNested):
+        def run(self, command, opts, *, share, on_line):
+            report = pytest.TestReport("t.py::a", ("t.py", 0, "a"), {}, "skipped", ("t.py", 3, "Skipped: why"), "setup")
+            data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+            with open(opts.env[relay_mod.RESULTS_ENV], "a") as f:
+                f.write(json.dumps(data) + "\n")
+            return 0
+
+    fake = SkippingL1(pytestconfig, [])
+    monkeypatch.setattr(relay_mod, "_load_nested", lambda: fake)
+    relay = relay_mod.Relay(pytestconfig)
+    relay.take("t.py::a", object())
+    relay.run()
+    (back,) = relay.reports["t.py::a"]
+    assert back.skipped and back.longrepr == ("t.py", 3, "Skipped: why") and isinstance(back.longrepr, tuple)
