@@ -52,7 +52,7 @@ def run_in_guest(command: str, *, timeout: int = BOOT_TIMEOUT, **kw) -> GuestRun
 
 # In the nested KVM (QEMU's TCG emulating SVM) a 4-vCPU stock boot now and then ends in a triple fault
 # about 37 s in, as the kernel write-protects its read-only data (cross-CPU TLB flushes): seen in 2 of
-# 5 boots there, never with 1 or 2 vCPUs.  Not yet known whether pyvmm or the emulated SVM is at fault:
+# 7 boots there, never with 1 or 2 vCPUs.  Not yet known whether pyvmm or the emulated SVM is at fault:
 # there such a test is an expected failure that is reported (XFAIL / XPASS), not hidden; on hardware
 # virtualization it is a plain test.
 FLAKY_IN_NESTED_4_VCPUS = pytest.mark.xfail(
