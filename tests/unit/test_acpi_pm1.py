@@ -53,9 +53,3 @@ def test_status_is_write_one_to_clear_and_enable_keeps_defined_bits(dev):
     assert dev.event.read(2, 2) == pm1.EN_BITS
     assert dev.event.read(0, 4) == pm1.EN_BITS << 16
 
-
-def test_reset_restores_power_on_state(dev):
-    dev.event.write(2, 2, pm1.PWRBTN)
-    dev.write(0, 2, 5 << pm1.SLP_TYP_SHIFT)
-    dev.reset()
-    assert dev.read(0, 2) == pm1.SCI_EN and dev.event.read(0, 4) == 0

@@ -26,6 +26,7 @@ import threading
 from typing import Callable
 
 from . import byte_writes, read_bytes
+from .acpi_pm import S5_SLP_TYP  # the DSDT's \_S5 value, shared with the hardware-reduced registers
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ SLP_TYP_SHIFT = 10
 SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
 SLP_EN = 1 << 13
 CNT_RW_BITS = 0x0002 | 0x0004 | SLP_TYP_MASK  # BM_RLD, GBL_RLS (write-only, reads 0 on real parts), SLP_TYP
-
-S5_SLP_TYP = 5  # the DSDT's \_S5 package carries this (kernel/acpi.py S5_SLP_TYP)
 
 
 class Pm1Event:
@@ -113,8 +112,3 @@ class Pm1Control:
                 elif reg < EVENT_SIZE:
                     shift = 8 * (reg - 2)
                     self._en = ((self._en & ~(0xFF << shift)) | (byte << shift)) & EN_BITS
-
-    def reset(self) -> None:
-        with self._lock:
-            self._sts = self._en = 0
-            self._cnt = SCI_EN
