@@ -6,4 +6,5 @@ from tests.support.relay import (  # noqa: F401  (pytest finds hooks by name her
     pytest_configure,
     pytest_runtest_logreport,
     pytest_runtest_protocol,
+    pytest_terminal_summary,
 )

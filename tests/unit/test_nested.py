@@ -161,11 +161,12 @@ class FakeNested:
         scenario = self.scenarios.pop(0)
         with open(opts.env[relay_mod.RESULTS_ENV], "a") as f:
             for nodeid, phases in scenario:
-                for when in phases:
-                    report = pytest.TestReport(nodeid, ("x.py", 0, nodeid), {}, "passed", None, when)
+                for phase in phases:  # "when" (passed) or (when, outcome, longrepr)
+                    when, outcome, longrepr = (phase, "passed", None) if isinstance(phase, str) else phase
+                    report = pytest.TestReport(nodeid, ("x.py", 0, nodeid), {}, outcome, longrepr, when)
                     f.write(json.dumps(self.config.hook.pytest_report_to_serializable(config=self.config,
                                                                                       report=report)) + "\n")
-        if scenario and scenario[-1][1] != ("setup", "call", "teardown"):
+        if scenario and len(scenario[-1][1]) != 3:
             on_line("nested: L1 stopped responding (no heartbeat for 125 s) and was stopped")
             return nested.TIMEOUT_STATUS
         return 0
@@ -210,6 +211,39 @@ def test_a_test_during_which_l1_keeps_stopping_is_not_run_again(pytestconfig, mo
     assert fake.calls[1] == fake.calls[2] == ["t.py::b", "t.py::c"] and fake.calls[3] == ["t.py::c"]
     assert "(3 time(s))" in relay.notes["t.py::b"]
     assert [r.when for r in relay.reports["t.py::b"]] == ["setup"]  # reported failed, with the note
+
+
+TRIPLE = ("setup", ("call", "failed", "AssertionError: PYVMM-READY\npyvmm: vcpu1: triple fault "
+                                       "(KVM_EXIT_SHUTDOWN): Shutdown()\n  RIP=000000000000fff0"), "teardown")
+OTHER = ("setup", ("call", "failed", "AssertionError: FIO-OK not found"), "teardown")
+
+
+def test_a_test_whose_guest_triple_faulted_in_l1_runs_again_in_a_fresh_l1(pytestconfig, monkeypatch):
+    relay, fake = relay_with(pytestconfig, monkeypatch, [
+        [("t.py::a", TRIPLE), ("t.py::b", OTHER), ("t.py::c", ALL)],
+        [("t.py::a", ALL)]])
+    assert fake.calls == [["t.py::a", "t.py::b", "t.py::c"], ["t.py::a"]]  # b failed otherwise: not rerun
+    assert [r.outcome for r in relay.reports["t.py::a"]] == ["passed"] * 3  # the rerun's reports stand
+    assert [r.outcome for r in relay.reports["t.py::b"]] == ["passed", "failed", "passed"]
+    assert list(relay.reruns) == ["t.py::a"] and "triple fault (KVM_EXIT_SHUTDOWN)" in relay.reruns["t.py::a"][0]
+
+
+def test_a_test_that_keeps_triple_faulting_fails_after_its_reruns(pytestconfig, monkeypatch):
+    relay, fake = relay_with(pytestconfig, monkeypatch, [
+        [("t.py::a", TRIPLE), ("t.py::b", ALL), ("t.py::c", ALL)],
+        [("t.py::a", TRIPLE)],
+        [("t.py::a", TRIPLE)]])
+    assert relay_mod.L2_TRIPLE_FAULT_RERUNS == 2
+    assert fake.calls[1:] == [["t.py::a"], ["t.py::a"]] and not fake.scenarios
+    assert relay.reports["t.py::a"][1].failed and len(relay.reruns["t.py::a"]) == 2
+
+
+def test_a_rerun_that_l1_stops_during_fails_with_the_note(pytestconfig, monkeypatch):
+    relay, fake = relay_with(pytestconfig, monkeypatch, [
+        [("t.py::a", TRIPLE), ("t.py::b", ALL), ("t.py::c", ALL)],
+        [("t.py::a", ("setup",))], [("t.py::a", ("setup",))], [("t.py::a", ("setup",))]])
+    assert len(fake.calls) == 4 and [r.when for r in relay.reports["t.py::a"]] == ["setup"]
+    assert "(3 time(s))" in relay.notes["t.py::a"]
 
 
 def test_relay_markers_are_declared(pytestconfig):
