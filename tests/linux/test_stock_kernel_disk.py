@@ -63,7 +63,7 @@ FIO = ("fio --name=verify --filename=/dev/vda --offset=64M --size=128M --rw=rand
 
 
 @pytest.mark.parametrize("cpus,cache", [(1, "writeback"), (2, "none"),
-                                        pytest.param(4, "none", marks=stock.FLAKY_IN_NESTED_4_VCPUS)])
+                                        (4, "none")])
 def test_data_moves_byte_exact_both_ways_with_one_queue_per_vcpu(tmp_path, cpus, cache):
     host = pattern(16 * MiB, cpus)
     img = image(tmp_path / "d.img", 256 * MiB, host)

@@ -36,7 +36,7 @@ SMP_ONLY = ("PV TLB flush", "PV spinlocks", "PV IPIs", "PV sched yield")
 
 
 @pytest.mark.parametrize("cpus,mem,mem_kib_min", [(1, "256M", 200_000), (2, "1G", 900_000),
-                                                  pytest.param(4, "4G", 3_800_000, marks=stock.FLAKY_IN_NESTED_4_VCPUS)])
+                                                  (4, "4G", 3_800_000)])
 def test_cpus_memory_clock_and_kvms_paravirtual_hooks(cpus, mem, mem_kib_min):
     rc, status, out = run_in_guest(
         "echo NPROC=$(nproc); grep MemTotal /proc/meminfo; "

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT_TIMEOUT = 180  # a boot to poweroff: ~10 s on hardware, ~40-60 s in the nested KVM
@@ -48,13 +47,3 @@ def run_in_guest(command: str, *, timeout: int = BOOT_TIMEOUT, **kw) -> GuestRun
     assert m, console[-3000:] + r.stderr
     between = console.split("PYVMM-READY", 1)[1].split("PYVMM-EXIT=", 1)[0]
     return GuestRun(r.returncode, int(m.group(1)), between, console, r.stderr)
-
-
-# In the nested KVM (QEMU's TCG emulating SVM) a 4-vCPU stock boot now and then ends in a triple fault
-# about 37 s in, as the kernel write-protects its read-only data (cross-CPU TLB flushes): seen in 2 of
-# 7 boots there, never with 1 or 2 vCPUs.  Not yet known whether pyvmm or the emulated SVM is at fault:
-# there such a test is an expected failure that is reported (XFAIL / XPASS), not hidden; on hardware
-# virtualization it is a plain test.
-FLAKY_IN_NESTED_4_VCPUS = pytest.mark.xfail(
-    os.environ.get("PYVMM_IN_NESTED") == "1", strict=False,
-    reason="intermittent triple fault of 4-vCPU stock boots in the nested KVM (open: pyvmm or TCG's SVM)")
