@@ -40,6 +40,7 @@ library is used (with scripts/guestkit.py beside this file), so the file can be 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -325,7 +326,7 @@ def run(command: Sequence[str], opts: Options | None = None, *, share: Path | No
     make_scratch(scratch, opts.scratch)
     log = open(opts.log, "w") if opts.log else None
     proc = subprocess.Popen(qemu_command(kit, share, scratch, opts), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     timed_out, why = threading.Event(), []
     last_line = [time.monotonic()]
 
@@ -383,6 +384,14 @@ def _heartbeat_age(path: Path) -> float | None:
         return time.time() - path.stat().st_mtime
     except OSError:
         return None
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL when we end, even killed (no `finally` runs then)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -443,8 +452,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run(), which stops L1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.action == "path":
             print(kit_dir())

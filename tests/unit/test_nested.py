@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -128,6 +129,52 @@ def test_a_silent_l1_is_stopped_and_killed(fake_qemu, tmp_path, monkeypatch):
     pid = int((tmp_path / "share" / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _dead(pid: int, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _start_nested_with_silent_l1(fake_qemu, tmp_path) -> tuple[subprocess.Popen, int]:
+    """scripts/nested.py in its own process with the stand-in QEMU (silent); (that process, QEMU's pid)."""
+    code = textwrap.dedent(f"""
+        import sys; from pathlib import Path
+        sys.argv = ["nested.py"]
+        from tests.support import relay
+        nested = relay._load_nested()
+        nested.QEMU = {str(fake_qemu)!r}
+        nested.build = lambda force=False: Path({str(tmp_path)!r})
+        nested.make_scratch = lambda path, size: path.write_bytes(b"")
+        sys.exit(nested.main(["--share", {str(tmp_path / "share")!r}, "--", "true"]))
+        """)
+    (tmp_path / "share").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=relay_mod.ROOT, env={**os.environ, "FAKE_MODE": "silent"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pid_file, end = tmp_path / "share" / "pid", time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < end:
+        time.sleep(0.1)
+    return proc, int(pid_file.read_text())
+
+
+def test_sigterm_to_nested_stops_l1(fake_qemu, tmp_path):
+    proc, qemu_pid = _start_nested_with_silent_l1(fake_qemu, tmp_path)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + 15
+    assert _dead(qemu_pid, within=10)
+
+
+def test_l1_dies_with_a_killed_nested(fake_qemu, tmp_path):
+    proc, qemu_pid = _start_nested_with_silent_l1(fake_qemu, tmp_path)
+    proc.kill()  # no finally runs: L1's parent-death signal stops it
+    proc.wait(timeout=10)
+    assert _dead(qemu_pid, within=10)
 
 
 def test_a_frozen_l1_is_told_by_its_heartbeat(fake_qemu, tmp_path, monkeypatch):
