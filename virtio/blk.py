@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -43,7 +42,8 @@ from vmm.memory import GuestMemory
 from .backends import BlockBackend
 from .backends.raw import CACHE_MODES, RawImage
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
-from .queue import ChainError, DescriptorChain, Queue, QueueError
+from .ratelimit import RateLimitedLog
+from .queue import DescriptorChain, QueueError
 from .worker import IoThread
 
 log = logging.getLogger(__name__)
@@ -175,28 +175,6 @@ def parse_disk_spec(text: str) -> DiskSpec:
     return DiskSpec(path=path, read_only=read_only, serial=serial, cache=cache, queues=queues)
 
 
-class _RateLimitedLog:
-    """At most one warning per `interval` seconds; the others are counted and reported with the next."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 5.0):
-        self.logger = logger
-        self.interval = interval
-        self.next_time = 0.0
-        self.suppressed = 0
-
-    def __call__(self, fmt: str, *args) -> None:
-        now = time.monotonic()
-        if now < self.next_time:
-            self.suppressed += 1
-            return
-        self.next_time = now + self.interval
-        if self.suppressed:
-            fmt += " (and %d more such messages)"
-            args = (*args, self.suppressed)
-            self.suppressed = 0
-        self.logger.warning(fmt, *args)
-
-
 def _views(mem: GuestMemory, regions: list[tuple[int, int]], start: int, end: int) -> list[memoryview]:
     """Memoryviews of bytes [start, end) of the concatenated (gpa, length) regions."""
     view = mem.view
@@ -235,6 +213,7 @@ PUBLISH_EARLY_BYTES = 64 << 10
 class VirtioBlk(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
+    request_name = "request"
 
     def __init__(
         self,
@@ -281,9 +260,8 @@ class VirtioBlk(VirtioDevice):
             VIRTIO_BLK_T_WRITE_ZEROES: self._write_zeroes,
         }
         self._threads: list[IoThread] = []
-        self._queue_failed = [False] * num_queues
-        self._guest_error = _RateLimitedLog(log)
-        self._io_error = _RateLimitedLog(log)
+        self._guest_error = RateLimitedLog(log)
+        self._io_error = RateLimitedLog(log)
 
     @classmethod
     def from_spec(cls, mem: GuestMemory, spec: DiskSpec, *, queue_size: int = 256) -> "VirtioBlk":
@@ -330,7 +308,6 @@ class VirtioBlk(VirtioDevice):
 
     # -- threads -----------------------------------------------------------------------
     def activate(self) -> None:
-        self._queue_failed = [False] * len(self.queues)
         for index, fd in enumerate(self.queue_events):
             thread = IoThread(f"{self.name}-q{index}")
             thread.add_eventfd(fd, lambda index=index: self.process_queue(index))
@@ -359,24 +336,10 @@ class VirtioBlk(VirtioDevice):
                 if chain.readable_len + chain.writable_len >= PUBLISH_EARLY_BYTES:
                     # a big request took a while: hand it back now, so the driver can refill the
                     # queue while we work on the rest of the batch (no bubble between batches)
-                    self._publish(queue, index)
-            self._publish(queue, index)
+                    self.publish_and_notify(index)
+            self.publish_and_notify(index)
         except QueueError as err:
-            self._queue_failed[index] = True
-            self.needs_reset(f"queue {index}: {err}")
-
-    def _publish(self, queue: Queue, index: int) -> None:
-        queue.publish_used()
-        if queue.needs_notification():  # EVENT_IDX lets the driver say how often it wants to hear
-            self.signal_used(index)
-
-    def _on_chain_error(self, queue: Queue, err: ChainError) -> None:
-        """A chain the queue could not walk: where its status byte is is unknown, so length 0.
-        A head the used ring cannot name leaves the driver waiting forever: the device needs a reset."""
-        if not err.completable:
-            raise QueueError(f"cannot return request {err.head} to the driver: {err}")
-        self._guest_error("%s: %s", self.name, err)
-        queue.add_used(err.head, 0)
+            self.fail_queue(index, err)
 
     def complete_request(self, chain: DescriptorChain) -> int:
         """Execute one request, write its status byte; return the used length."""

@@ -22,7 +22,8 @@ import threading
 from typing import Callable
 
 from vmm.memory import GuestMemory
-from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Queue, QueueError
+from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, ChainError, Queue, QueueError
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << 
 class VirtioDevice:
     device_id: int = 0
     name: str = "virtio"
+    request_name: str = "descriptor chain"  # what a chain is to this device, for its log lines
 
     def __init__(self, mem: GuestMemory, *, num_queues: int, queue_size: int, features: int):
         self.mem = mem
@@ -67,6 +69,8 @@ class VirtioDevice:
         # set by I/O threads without the lock (reset() holds it while joining them)
         self._needs_reset = False
         self.active = False
+        self._guest_error = RateLimitedLog(log)  # what a driver did wrong (a subclass may log elsewhere)
+        self._queue_failed = [False] * num_queues  # queues not served until the reset (fail_queue)
 
     # -- what the transport calls -----------------------------------------------------
     def set_interrupt(self, fn: Callable[[int], None]) -> None:
@@ -119,6 +123,7 @@ class VirtioDevice:
             self._needs_reset = True
             return status
         self.active = True
+        self._queue_failed = [False] * len(self.queues)
         self.activate()
         return status
 
@@ -171,6 +176,32 @@ class VirtioDevice:
     # -- for subclasses ----------------------------------------------------------------------
     def signal_used(self, queue_index: int) -> None:
         self._interrupt(queue_index)
+
+    def notify(self, queue_index: int) -> None:
+        """The used-buffer notification of queue `queue_index`, if the driver wants one now
+        (EVENT_IDX lets it say how often; without it, unless it set VIRTQ_AVAIL_F_NO_INTERRUPT)."""
+        if self.queues[queue_index].needs_notification():
+            self.signal_used(queue_index)
+
+    def publish_and_notify(self, queue_index: int) -> None:
+        """Hand the used elements added so far to the driver (used.idx), then notify() it."""
+        self.queues[queue_index].publish_used()
+        self.notify(queue_index)
+
+    def fail_queue(self, index: int, err: Exception) -> None:
+        """Queue `index` is broken (a QueueError): not served again until the driver resets the
+        device, which it is told to do (NEEDS_RESET)."""
+        self._queue_failed[index] = True
+        self.needs_reset(f"queue {index}: {err}")
+
+    def _on_chain_error(self, queue: Queue, err: ChainError) -> None:
+        """A chain the queue could not walk: returned with length 0 (what it was meant for is
+        unknown).  A head the used ring cannot name would leave the driver waiting forever: that
+        is a QueueError, and the caller's queue needs a reset."""
+        if not err.completable:
+            raise QueueError(f"cannot return {self.request_name} {err.head} to the driver: {err}")
+        self._guest_error("%s: %s", self.name, err)
+        queue.add_used(err.head, 0)
 
     def activate(self) -> None:
         """DRIVER_OK: start processing the queues."""

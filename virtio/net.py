@@ -111,8 +111,8 @@ from .backends.tap import (
     check_tap_name,
 )
 from .batch import IOV_MAX, BatchReader
-from .blk import _RateLimitedLog
 from .device import VIRTIO_ID_NET, VirtioDevice
+from .ratelimit import RateLimitedLog
 from .net_batch import MORE, NO_BUFFERS, TAP_EMPTY, TX_BATCH_BUFFERS, NetBatches
 from .net_hdr import NET_HDR_SIZE, NUM_BUFFERS_OFFSET
 from .queue import ChainError, DescriptorChain, Queue, QueueError
@@ -490,7 +490,6 @@ class VirtioNet(NetBatches, VirtioDevice):
 
         self._pairs: list[_Pair] = []
         self._threads: list[IoThread] = []
-        self._queue_failed = [False] * len(self.queues)
         self.ctrl_index: int | None = None
         self.active_pairs = 1
         self._mrg = False
@@ -499,8 +498,8 @@ class VirtioNet(NetBatches, VirtioDevice):
         self._ctrl_lock = threading.Lock()
         self._reset_rx_mode()
         self._past_stats = NetStats()
-        self._guest_error = _RateLimitedLog(log)
-        self._tap_error = _RateLimitedLog(log)
+        self._guest_error = RateLimitedLog(log)
+        self._tap_error = RateLimitedLog(log)
 
     @classmethod
     def from_spec(
@@ -539,7 +538,6 @@ class VirtioNet(NetBatches, VirtioDevice):
 
     # -- activation and threads -----------------------------------------------------------
     def activate(self) -> None:
-        self._queue_failed = [False] * len(self.queues)
         self._mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         self._guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
         if self.driver_features & GUEST_GSO_FEATURES:
@@ -673,17 +671,6 @@ class VirtioNet(NetBatches, VirtioDevice):
             self.link_up = False
             self.config_changed()  # VIRTIO_NET_S_LINK_UP is off: tell the driver
 
-    def _fail_queue(self, index: int, err: Exception) -> None:
-        self._queue_failed[index] = True
-        self.needs_reset(f"queue {index}: {err}")
-
-    def _on_chain_error(self, queue: Queue, err: ChainError) -> None:
-        """A chain the queue could not walk: returned with length 0 (or, if it cannot be, NEEDS_RESET)."""
-        if not err.completable:
-            raise QueueError(f"cannot return descriptor chain {err.head} to the driver: {err}")
-        self._guest_error("%s: %s", self.name, err)
-        queue.add_used(err.head, 0)
-
     # -- transmit -------------------------------------------------------------------------
     def process_tx(self, index: int) -> None:
         """Send every frame of transmitq `index` to the tap (on the pair's I/O thread).
@@ -769,14 +756,13 @@ class VirtioNet(NetBatches, VirtioDevice):
                 if queue.next_used != first_used:
                     queue.publish_used()
             except QueueError as err:
-                self._fail_queue(qi, err)
+                self.fail_queue(qi, err)
                 self._update_interest(p)
                 return
             finally:
                 p.stats.tx_frames += frames
                 p.stats.tx_bytes += nbytes - NET_HDR_SIZE * frames
-        if queue.needs_notification():
-            self.signal_used(qi)
+        self.notify(qi)
 
     def _tx_block(self, p: _Pair) -> None:
         """The tap is full: wait for EPOLLOUT before sending more (call with p.lock held)."""
@@ -861,13 +847,12 @@ class VirtioNet(NetBatches, VirtioDevice):
                 if queue.next_used != first_used:
                     queue.publish_used()
             except QueueError as err:
-                self._fail_queue(qi, err)
+                self.fail_queue(qi, err)
                 self._update_interest(p)
                 return
         if p.tap_gone:
             self._link_down()
-        if queue.needs_notification():
-            self.signal_used(qi)
+        self.notify(qi)
 
     def _rx_wait_for_buffers(self, p: _Pair) -> None:
         """Back-pressure: no buffers, so leave the frames in the tap until the driver kicks."""
@@ -1028,10 +1013,9 @@ class VirtioNet(NetBatches, VirtioDevice):
                     queue.add_used(chain.head, self._ctrl_command(chain))
                 queue.publish_used()
             except QueueError as err:
-                self._fail_queue(qi, err)
+                self.fail_queue(qi, err)
                 return
-        if queue.needs_notification():
-            self.signal_used(qi)
+        self.notify(qi)
 
     def _ctrl_command(self, chain: DescriptorChain) -> int:
         """Run one command, write its ack byte; the used length."""

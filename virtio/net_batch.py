@@ -376,9 +376,7 @@ class NetBatches:
             if pos - published >= RX_PUBLISH_CHAINS:  # hand these over now: the driver refills meanwhile
                 reader.consume(pos - published)
                 reader.commit(pos - published)
-                queue.publish_used()
-                if queue.needs_notification():  # (a driver that waits for an interrupt to look)
-                    self.signal_used(p.rx)
+                self.publish_and_notify(p.rx)  # (a driver that waits for an interrupt to look)
                 published = pos
         if pos > published:
             reader.consume(pos - published)
