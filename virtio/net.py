@@ -98,7 +98,6 @@ from functools import partial
 import numpy as np
 
 from vmm.memory import GuestMemory
-from vmm.io_uring import IoUring
 from .backends.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -106,6 +105,7 @@ from .backends.tap import (
     TUN_F_TSO_ECN,
     TUN_F_UFO,
     NetBackend,
+    NetBatchIO,
     Tap,
     TapError,
     check_tap_name,
@@ -375,10 +375,9 @@ class _Pair:
     stats: NetStats = field(default_factory=NetStats)
     # The batch path (see "Batches" in the module's text): a BatchReader and an io_uring per queue,
     # or None where the pair goes one chain at a time.
+    batch_io: NetBatchIO | None = None  # the backend's, for this queue
     tx_reader: BatchReader | None = None
-    tx_ring: IoUring | None = None
     rx_reader: BatchReader | None = None
-    rx_ring: IoUring | None = None
     rx_hint: int = 8  # how many reads the next RX batch submits (grows while the tap keeps up)
     # With MRG_RXBUF: a row of rx_need bytes per read of an RX batch, where the part of a frame
     # past its chain lands (at the chain's capacity into the row, so the row can hold the frame
@@ -410,7 +409,7 @@ class _Pair:
         self.tx_retry.clear()
 
     def close_batches(self) -> None:
-        for name in ("tx_reader", "tx_ring", "rx_reader", "rx_ring"):
+        for name in ("tx_reader", "rx_reader", "batch_io"):
             thing = getattr(self, name)
             if thing is not None:
                 thing.close()
@@ -558,9 +557,11 @@ class VirtioNet(NetBatches, VirtioDevice):
         self._pairs = [
             _Pair(k, tap.fileno(k), tap.writer(k), tap.reader(k)) for k in range(self.queue_pairs if mq else 1)
         ]
-        if self.batches and getattr(tap, "direct_fds", False):
+        if self.batches:
             for p in self._pairs:
-                self._open_batches(p)
+                p.batch_io = tap.open_batch_io(p.index)
+                if p.batch_io is not None:
+                    self._open_batches(p)
         self.active_pairs = 1  # multiqueue starts disabled (5.1.6.5.5)
         for k in range(self.queue_pairs):
             self._enable_pair(k, k < self.active_pairs)

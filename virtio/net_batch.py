@@ -42,18 +42,15 @@ _rx_hand_over, _pop_rx_chain, _tx_block, _tx_error...).
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import logging
 import mmap
 import os
-import stat
 import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vmm.io_uring import IORING_OP_READV, IORING_OP_WRITEV, IoUring
 from .batch import IOV_MAX, MAX_BATCH, MAX_BATCH_DESCRIPTORS, Batch, BatchReader
 from .net_hdr import NET_HDR_SIZE, NUM_BUFFERS_OFFSET
 from .queue import Queue
@@ -76,10 +73,6 @@ RX_BATCH_BUFFERS = min(IOV_MAX, MAX_BATCH_DESCRIPTORS) - 1  # and the scratch by
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_libc = ctypes.CDLL(None, use_errno=True)
-_readv = _libc.readv  # (an iovec array we built: os.readv wants a list of buffers)
-_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-_readv.restype = ctypes.c_ssize_t
 _IOVEC_SIZE = 16  # struct iovec
 _BUFFER_INDEX = np.arange(MAX_BATCH_DESCRIPTORS)
 
@@ -87,44 +80,23 @@ _BUFFER_INDEX = np.arange(MAX_BATCH_DESCRIPTORS)
 class NetBatches:
     """VirtioNet's batch paths: TX and RX many frames per system call (see the module)."""
 
-    _said_path = False
-
     def _open_batches(self, p: _Pair) -> None:
         """Give the pair the batch path for its transmitq and its receiveq (with MRG_RXBUF, and
-        a spill row per read for the part of a frame its chain does not hold).  Where io_uring
-        cannot be had (an old kernel, a sandbox that forbids it) the pair goes one chain at a time."""
-        try:
-            if self.queues[p.tx].ready:
-                p.tx_ring = IoUring(BATCH_RING_ENTRIES)
-                p.tx_ring.prefill(IORING_OP_WRITEV, p.fd)
-                p.tx_reader = BatchReader(self.queues[p.tx])
-            if self.queues[p.rx].ready:
-                p.rx_ring = IoUring(BATCH_RING_ENTRIES)
-                p.rx_ring.prefill(IORING_OP_READV, p.fd)
-                p.rx_reader = BatchReader(self.queues[p.rx])
-                if self._mrg:  # (anonymous memory: only the rows a long frame reaches are ever touched)
-                    p.rx_spill = mmap.mmap(-1, BATCH_RING_ENTRIES * self._rx_need)
-                    base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
-                    p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
-                    # _rx_merge_batch's iovec array: every buffer of a peek, and a row for the scratch byte
-                    # (after IOV_MAX - 1 tiny buffers)
-                    p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
-                    p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
-                    p.rx_flat_address = p.rx_flat.ctypes.data
-            if stat.S_ISCHR(os.fstat(p.fd).st_mode) and any(  # a tap: an empty request moves no frame
-                    ring is not None and ring.probe() == -errno.EOPNOTSUPP for ring in (p.tx_ring, p.rx_ring)):
-                raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring refuses non-blocking (RWF_NOWAIT) tap I/O")
-        except OSError as err:
-            p.close_batches()
-            self._say_path(f"one frame per system call (io_uring batches unavailable: {err})", log.warning)
-            return
-        self._say_path("io_uring batches (RWF_NOWAIT), one-chain path for odd chains", log.info)
-
-    def _say_path(self, path: str, say) -> None:
-        """Say once per process which way virtio-net moves frames to and from taps."""
-        if not NetBatches._said_path:
-            NetBatches._said_path = True
-            say("%s: tap I/O path: %s", self.name, path)
+        a spill row per read for the part of a frame its chain does not hold), over the backend's
+        batch I/O (p.batch_io; where it has none the pair goes one chain at a time)."""
+        if self.queues[p.tx].ready:
+            p.tx_reader = BatchReader(self.queues[p.tx])
+        if self.queues[p.rx].ready:
+            p.rx_reader = BatchReader(self.queues[p.rx])
+            if self._mrg:  # (anonymous memory: only the rows a long frame reaches are ever touched)
+                p.rx_spill = mmap.mmap(-1, BATCH_RING_ENTRIES * self._rx_need)
+                base = np.frombuffer(p.rx_spill, dtype=np.uint8, count=1).ctypes.data
+                p.rx_spill_addresses = base + np.arange(BATCH_RING_ENTRIES, dtype=np.uint64) * np.uint64(self._rx_need)
+                # _rx_merge_batch's iovec array: every buffer of a peek, and a row for the scratch byte
+                # (after IOV_MAX - 1 tiny buffers)
+                p.rx_flat = np.zeros((MAX_BATCH * MAX_BATCH_DESCRIPTORS + 1, 2), dtype=np.uint64)
+                p.rx_flat_words = memoryview(p.rx_flat).cast("B").cast("Q")
+                p.rx_flat_address = p.rx_flat.ctypes.data
 
     def _tx_batch(self, p: _Pair, batch: Batch) -> tuple[int, int]:
         """Write a batch of TX chains to the tap, complete them; (frames sent, their bytes).
@@ -135,7 +107,7 @@ class NetBatches:
         """
         count = len(batch)
         p.tx_reader.consume(count)
-        results = p.tx_ring.submit_rw(batch.iov_addresses, batch.counts)
+        results = p.batch_io.write_batch(batch.iov_addresses, batch.counts)
         sent = results >= 0
         if np.count_nonzero(sent) == count:  # the usual: all written
             p.tx_reader.complete(batch.heads, np.zeros(count, dtype=np.uint32))
@@ -221,11 +193,11 @@ class NetBatches:
             batch.iov[rows, batch.counts, 0] = p.rx_spill_addresses[:count] + capacity.astype(np.uint64)
             batch.iov[rows, batch.counts, 1] = spill
             batch.iov[rows, batch.counts + 1] = p.scratch_iov
-            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 2)
+            results = p.batch_io.read_batch(batch.iov_addresses, batch.counts + 2)
             fits = capacity + spill
         else:
             batch.iov[rows, batch.counts] = p.scratch_iov  # a frame longer than the chain reaches it
-            results = p.rx_ring.submit_rw(batch.iov_addresses, batch.counts + 1)
+            results = p.batch_io.read_batch(batch.iov_addresses, batch.counts + 1)
         got = (results >= NET_HDR_SIZE) & (results <= fits)
         frames = int(np.count_nonzero(got))
         heads, first, lengths = batch.heads, batch.first, results
@@ -322,7 +294,7 @@ class NetBatches:
         else:  # (the usual: one buffer per chain)
             flat[:count] = batch.iov[:, 0]
             starts = None
-        base, fd = p.rx_flat_address, p.fd
+        base, readv_at = p.rx_flat_address, p.batch_io.readv_at
         ends_l = ends.tolist()
         # Every chain's used element is written now, with all it holds (what it gets unless it is
         # the last of a frame: that one's length is written when its frame is read); they are
@@ -343,12 +315,12 @@ class NetBatches:
             first_row, end_row = (pos, end + 1) if starts is None else (starts[pos], starts[end + 1])
             rows = end_row - first_row
             if rows < IOV_MAX:
-                n = _readv(fd, base + _IOVEC_SIZE * first_row, rows)
+                n = readv_at(base + _IOVEC_SIZE * first_row, rows)
                 room = ends_l[end] - before - 1
             else:  # (tiny buffers: what one readv takes)
                 n, room = self._rx_read_tiny(p, first_row)
             if n <= 0:
-                err = ctypes.get_errno() if n < 0 else 0
+                err = -n
                 if n == 0:  # end of file: a socket backend closed
                     self._mark_tap_gone(p)
                 elif err not in (errno.EAGAIN, errno.EWOULDBLOCK):
@@ -406,7 +378,7 @@ class NetBatches:
         words, w = p.rx_flat_words, 2 * (first_row + rows)
         saved = words[w], words[w + 1]
         words[w], words[w + 1] = int(p.scratch_iov[0]), 1
-        n = _readv(p.fd, p.rx_flat_address + _IOVEC_SIZE * first_row, rows + 1)
+        n = p.batch_io.readv_at(p.rx_flat_address + _IOVEC_SIZE * first_row, rows + 1)
         words[w], words[w + 1] = saved
         return n, room
 

@@ -28,7 +28,7 @@ from tests.unit.test_tap import (  # noqa: F401  (netns is a fixture)
     recv_frames,
     tcp_gso_frame,
 )
-from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, IovecLoop, Tap
 from virtio.device import (
     CONFIG,
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -80,7 +80,6 @@ from virtio.net import (
     parse_net_spec,
     tun_offload_flags,
 )
-from virtio import net_batch
 from virtio.net_batch import RX_PUBLISH_CHAINS, RX_SHORT_RUN
 from virtio.net_hdr import (
     NET_HDR_SIZE,
@@ -108,13 +107,14 @@ def bit(*bits):
 class FakeTap:
     """A tap made of AF_UNIX SOCK_SEQPACKET socketpairs: one message is one frame (header first),
     a read into short buffers cuts the frame like a tap does, a full peer answers EAGAIN (after
-    net.unix.max_dgram_qlen frames).  The test holds the host ends."""
+    net.unix.max_dgram_qlen frames).  The test holds the host ends.  With `batches` it offers
+    batch I/O (open_batch_io) as a plain loop over readv / writev, so write_error and the reads
+    count cover the batch paths too."""
 
-    def __init__(self, queues=1, name="fake0", *, sndbuf=None, direct=False):
+    def __init__(self, queues=1, name="fake0", *, sndbuf=None, batches=False):
         self.name = name
-        # direct: the device may submit reads and writes on our fds itself (io_uring), past
-        # readv / writev (and so past write_error and the reads count)
-        self.direct_fds = direct
+        self.batches = batches
+        self.batch_ios = []  # what open_batch_io gave, by queue
         self.queues = queues
         self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(queues)]
         for dev_end, host_end in self.pairs:
@@ -146,6 +146,13 @@ class FakeTap:
 
     def writer(self, index):
         return lambda views: self.writev(index, views)
+
+    def open_batch_io(self, index):
+        if not self.batches:
+            return None
+        batch_io = IovecLoop(self.reader(index), self.writer(index))
+        self.batch_ios.append(batch_io)
+        return batch_io
 
     def set_offload(self, flags):
         self.offload = flags
@@ -352,10 +359,10 @@ def frame_of(total_len, seed=0):
 @pytest.fixture(params=[False, True], ids=["one-by-one", "batches"])
 def make_dev(mem, request):
     devices = []
-    direct = getattr(request, "param", False)
+    batches = getattr(request, "param", False)
 
     def make(*, queue_pairs=1, tap=None, io_threads=False, queue_size=256, **kwargs):
-        tap = tap or FakeTap(queue_pairs, direct=direct)
+        tap = tap or FakeTap(queue_pairs, batches=batches)
         dev = VirtioNet(
             mem, tap, mac=MAC, queue_pairs=queue_pairs, queue_size=queue_size, io_threads=io_threads, **kwargs
         )
@@ -559,7 +566,7 @@ def test_tx_refused_by_the_tap_is_counted_and_completed(make_dev, mem):
 def test_tx_refused_in_a_batch_is_counted_and_completed(make_dev, mem):
     """The batch path: the kernel refuses the writes (here EPIPE: the peer is gone); every chain
     is completed, every refusal counted, nothing is sent or retried."""
-    dev = make_dev(tap=FakeTap(direct=True))
+    dev = make_dev(tap=FakeTap(batches=True))
     drv = Driver(mem, dev)
     assert drv.negotiate()
     dev.tap.host().shutdown(socket.SHUT_RD)
@@ -716,8 +723,8 @@ def test_rx_back_pressure(drv, dev):
     p = dev.pair_state(0)
     batches = p.rx_reader is not None
 
-    def waiting(avail_event, no_buffers=1):
-        assert dev.tap.reads == 0 and dev.tap.device_side_pending()  # frames still in the tap
+    def waiting(avail_event, no_buffers=1, reads=0):
+        assert dev.tap.reads == reads and dev.tap.device_side_pending()  # frames still in the tap
         assert p.rx_waiting and not p.events & select.EPOLLIN  # the tap fd is not watched
         assert drv.rxq().avail_event == avail_event  # the driver is asked to kick on its next buffer
         assert dev.stats().rx_no_buffers == no_buffers
@@ -730,7 +737,7 @@ def test_rx_back_pressure(drv, dev):
     got = drv.received()
     if batches:  # the three small frames arrived; the batch path waits again
         assert [f for _, f in got] == frames[:3]
-        waiting(3, no_buffers=2)
+        waiting(3, no_buffers=2, reads=3)  # (the reads of those three: none since)
     else:  # still nothing read
         assert got == [] and drv.interrupts == []
         waiting(3)
@@ -977,13 +984,14 @@ def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem,
     assert [f for _, f in drv.received()] == [first]  # (and now reading long frames)
     assert p.rx_reader is not None and p.rx_long
     seen = []  # (used.idx, interrupts so far) as each read starts
-    real = net_batch._readv
+    (batch_io,) = dev.tap.batch_ios
+    real = batch_io.readv_at
 
-    def readv(fd, iov, count):
+    def readv_at(iov, count):
         seen.append((drv.rxq().used_idx, len(drv.interrupts)))
-        return real(fd, iov, count)
+        return real(iov, count)
 
-    monkeypatch.setattr(net_batch, "_readv", readv)
+    monkeypatch.setattr(batch_io, "readv_at", readv_at)
     frames = [frame_of(20000 + 1000 * i, seed=i) for i in range(6)]  # 10-13 chains each: 69 in all
     dev.tap.host().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     for f in frames:
