@@ -51,9 +51,15 @@ dropped for want of guest buffers.
     Cloud Hypervisor does the same.
   * Per wake-up: up to RX_BATCH frames, one used.idx update, one interrupt.
 
-Batches (the fast path, virtio/net_batch.py): with a real tap each pair reads
-and writes many frames per system call (io_uring), the chains walked together
-in numpy; what is not of the usual shape goes the one-chain way below.
+The shape (virtio/README.md): this module is the device - features, config
+space, the control queue, the queue pairs with their threads, epoll interest and
+interrupts.  Each pair has a TX path (virtio/net_tx.py: `TxPath.drain`) and an
+RX path (virtio/net_rx.py: `RxPath.fill`) that own their state (held chains,
+frames set aside, unsent chains, batch readers) and say how they stopped
+(`TxOutcome`, `RxOutcome`).  The backend (virtio/backends/tap.py) owns the I/O:
+one frame per readv / writev, and where it has them batches (io_uring on a tap)
+over rows of struct iovec the paths build; what is not of the usual shape goes
+one chain at a time.  The device never reads or writes a file descriptor.
 
 Control queue (5.1.6.5): MQ VQ_PAIRS_SET (1..max pairs: the others are
 detached from the tap with TUNSETQUEUE, so the kernel steers nothing to them),
@@ -85,17 +91,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 import select
 import struct
 import threading
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-
-import numpy as np
 
 from vmm.memory import GuestMemory
 from .backends.tap import (
@@ -110,12 +111,13 @@ from .backends.tap import (
     TapError,
     check_tap_name,
 )
-from .batch import IOV_MAX, BatchReader
 from .device import VIRTIO_ID_NET, VirtioDevice
+from .net_common import MAX_BUFFER, MAX_FRAME, NetStats, PathContext
+from .net_hdr import NET_HDR_SIZE
+from .net_rx import RxOutcome, RxPath
+from .net_tx import TxOutcome, TxPath
+from .queue import DescriptorChain, QueueError
 from .ratelimit import RateLimitedLog
-from .net_batch import MORE, NO_BUFFERS, TAP_EMPTY, TX_BATCH_BUFFERS, NetBatches
-from .net_hdr import NET_HDR_SIZE, NUM_BUFFERS_OFFSET
-from .queue import ChainError, DescriptorChain, Queue, QueueError
 from .worker import IoThread
 
 log = logging.getLogger(__name__)
@@ -185,19 +187,12 @@ VLAN_HLEN = 4
 ETH_ALEN = 6
 MIN_MTU = 68  # what IPv4 needs; the spec's lower bound for the mtu field
 MAX_MTU = 65535
-# The largest frame: a 64 KiB GSO packet with its link headers.  A driver
-# without MRG_RXBUF that accepts GUEST_TSO*/UFO posts NET_HDR_SIZE + MAX_FRAME
-# = 65562-byte buffers (5.1.6.3.1).
-MAX_FRAME = 65550
-MAX_BUFFER = NET_HDR_SIZE + MAX_FRAME
+# (MAX_FRAME, the largest frame, and MAX_BUFFER, with its header: virtio/net_common.py)
 MAX_QUEUE_PAIRS = 64
 MAX_CTRL_BYTES = 1 << 20  # a control command bigger than this (a huge MAC table) is refused
 # Frames per wake-up before going back to epoll (the other queue of the pair gets its turn).
 RX_BATCH = 256
 TX_BATCH = 256
-# used.idx is written every this many chains within a batch, not only at its end: the driver can
-# refill the ring while the device works through it, so a busy queue does not run dry and sleep.
-PUBLISH_EVERY = 32
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -327,99 +322,23 @@ def parse_net_spec(text: str) -> NetSpec:
 # -- the device ------------------------------------------------------------------------------
 
 
-@dataclass
-class NetStats:
-    """Counters of one queue pair (or, from VirtioNet.stats(), of the device)."""
-
-    rx_frames: int = 0
-    rx_bytes: int = 0  # frame bytes, headers excluded
-    rx_truncated: int = 0  # frames bigger than the buffers in hand: dropped
-    rx_no_buffers: int = 0  # times RX stopped for want of buffers (back-pressure)
-    rx_bad_chains: int = 0  # unusable RX chains, returned empty
-    tx_frames: int = 0
-    tx_bytes: int = 0
-    tx_dropped: int = 0  # malformed chains, not sent
-    tx_errors: int = 0  # frames the tap refused (a bad header: EINVAL; link down: EIO)
-    tx_blocked: int = 0  # times the tap was full (back-pressure)
-
-    def add(self, other: "NetStats") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
 @dataclass(eq=False)
-class _Pair:
-    """The state of queue pair `index`: receiveq 2*index, transmitq 2*index+1, tap queue `index`."""
+class QueuePair:
+    """Queue pair `index`: receiveq 2*index and transmitq 2*index+1, their ring paths, and tap
+    queue `index`, whose fd the pair watches (never reads or writes: the backend does)."""
 
     index: int
-    fd: int  # the tap queue's fd
-    send: Callable[[list[memoryview]], int]  # writev of one frame on it (NetBackend.writer)
-    recv: Callable[[list[memoryview]], int]  # readv of one frame from it (NetBackend.reader)
+    fd: int  # the tap queue's fd, for epoll
+    stats: NetStats = field(default_factory=NetStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
     ep: select.epoll = field(default_factory=select.epoll)  # watches fd alone; nested in the IoThread's
     events: int | None = None  # the interest registered in ep (None: not registered)
     enabled: bool = False  # within the driver's VQ_PAIRS_SET (the tap queue is attached)
     rx_waiting: bool = False  # no RX buffers: not reading the tap until the driver kicks the receiveq
-    rx_kicks_on: bool = True  # whether the driver is asked to notify the receiveq
-    tx_blocked: bool = False  # the tap was full: waiting for EPOLLOUT
     tap_gone: bool = False
-    # RX chains held for frames to come, in ring order: (head, views, capacity, ring_descriptors);
-    # without MRG_RXBUF each chain's views end with `scratch`, the byte readv reaches only when the
-    # frame is longer than the chain.
-    rx_buffers: deque = field(default_factory=deque)
-    rx_capacity: int = 0  # their total bytes
-    rx_descriptors: int = 0  # the descriptor-table entries they occupy
-    # With MRG_RXBUF: the views of every held chain in order, then `scratch` (one readv's iovec).
-    rx_iov: list = field(default_factory=list)
-    scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(1)))
-    stats: NetStats = field(default_factory=NetStats)
-    # The batch path (see "Batches" in the module's text): a BatchReader and an io_uring per queue,
-    # or None where the pair goes one chain at a time.
-    batch_io: NetBatchIO | None = None  # the backend's, for this queue
-    tx_reader: BatchReader | None = None
-    rx_reader: BatchReader | None = None
-    rx_hint: int = 8  # how many reads the next RX batch submits (grows while the tap keeps up)
-    # With MRG_RXBUF: a row of rx_need bytes per read of an RX batch, where the part of a frame
-    # past its chain lands (at the chain's capacity into the row, so the row can hold the frame
-    # whole), and the frames read but not yet handed over, in order, whole (header first).
-    rx_spill: mmap.mmap | None = None
-    rx_spill_addresses: np.ndarray | None = None
-    rx_pending: deque = field(default_factory=deque)
-    # With MRG_RXBUF, once frames longer than a chain come: each read spans the chains a largest
-    # frame needs (_rx_merge_batch), until rx_short_run frames in a row have fitted one chain.
-    rx_long: bool = False
-    rx_short_run: int = 0
-    rx_flat: np.ndarray | None = None  # its iovec array (struct iovec rows), as 64-bit words, its address
-    rx_flat_words: memoryview | None = None
-    rx_flat_address: int = 0
-    # TX chains taken in a batch whose write found the tap full: (head, views), sent first next time
-    tx_retry: deque = field(default_factory=deque)
-
-    def __post_init__(self) -> None:
-        self.rx_iov.append(self.scratch)
-        self.scratch_array = np.frombuffer(self.scratch, dtype=np.uint8)
-        self.scratch_iov = np.array([self.scratch_array.ctypes.data, 1], dtype=np.uint64)  # (struct iovec)
-
-    def forget_rx_buffers(self) -> None:
-        self.rx_buffers.clear()
-        self.rx_pending.clear()
-        self.rx_long = False
-        del self.rx_iov[:-1]
-        self.rx_capacity = self.rx_descriptors = 0
-        self.tx_retry.clear()
-
-    def close_batches(self) -> None:
-        for name in ("tx_reader", "rx_reader", "batch_io"):
-            thing = getattr(self, name)
-            if thing is not None:
-                thing.close()
-                setattr(self, name, None)
-        if self.rx_spill is not None:
-            self.rx_pending.clear()  # (their views of the spill go first)
-            self.rx_flat_words = self.rx_flat = None
-            self.rx_spill_addresses = None
-            self.rx_spill.close()
-            self.rx_spill = None
+    batch_io: NetBatchIO | None = None  # the backend's, for this queue (None: one frame per call)
+    rx_path: RxPath | None = None
+    tx_path: TxPath | None = None
 
     @property
     def rx(self) -> int:
@@ -429,8 +348,17 @@ class _Pair:
     def tx(self) -> int:
         return 2 * self.index + 1
 
+    def close(self) -> None:
+        """Forget the paths' state (held RX chains, unsent TX chains: the driver gets its buffers
+        back by resetting the queues) and the batch I/O."""
+        self.ep.close()
+        for thing in (self.rx_path, self.tx_path, self.batch_io):
+            if thing is not None:
+                thing.close()
+        self.rx_path = self.tx_path = self.batch_io = None
 
-class VirtioNet(NetBatches, VirtioDevice):
+
+class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
 
@@ -487,7 +415,7 @@ class VirtioNet(NetBatches, VirtioDevice):
             features |= 1 << VIRTIO_NET_F_MQ
         super().__init__(mem, num_queues=2 * queue_pairs + 1, queue_size=queue_size, features=features)
 
-        self._pairs: list[_Pair] = []
+        self._pairs: list[QueuePair] = []
         self._threads: list[IoThread] = []
         self.ctrl_index: int | None = None
         self.active_pairs = 1
@@ -553,15 +481,7 @@ class VirtioNet(NetBatches, VirtioDevice):
             self.tap.set_offload(offload)
         except OSError as err:  # the kernel then checksums and segments for us: slower, not wrong
             log.warning("%s: tap %s: cannot set offloads %#x: %s", self.name, self.tap.name, offload, err)
-        tap = self.tap
-        self._pairs = [
-            _Pair(k, tap.fileno(k), tap.writer(k), tap.reader(k)) for k in range(self.queue_pairs if mq else 1)
-        ]
-        if self.batches:
-            for p in self._pairs:
-                p.batch_io = tap.open_batch_io(p.index)
-                if p.batch_io is not None:
-                    self._open_batches(p)
+        self._pairs = [self._open_pair(k) for k in range(self.queue_pairs if mq else 1)]
         self.active_pairs = 1  # multiqueue starts disabled (5.1.6.5.5)
         for k in range(self.queue_pairs):
             self._enable_pair(k, k < self.active_pairs)
@@ -577,6 +497,19 @@ class VirtioNet(NetBatches, VirtioDevice):
             self._threads.append(thread)
             thread.start()
 
+    def _open_pair(self, index: int) -> QueuePair:
+        """Queue pair `index` with its ring paths over tap queue `index` (and its batch I/O, where
+        the tap has it and `batches` is on)."""
+        tap = self.tap
+        p = QueuePair(index, tap.fileno(index))
+        if self.batches:
+            p.batch_io = tap.open_batch_io(index)
+        ctx = PathContext(self.name, tap.name, self._guest_error, self._tap_error, self._on_chain_error)
+        p.tx_path = TxPath(self.queues[p.tx], tap.writer(index), p.batch_io, p.stats, ctx)
+        p.rx_path = RxPath(self.queues[p.rx], tap.reader(index), p.batch_io, p.stats, ctx, mem=self.mem, mrg=self._mrg,
+                           guest_csum=self._guest_csum, need=self._rx_need, notify=partial(self.publish_and_notify, p.rx))
+        return p
+
     def deactivate(self) -> None:
         threads, self._threads = self._threads, []
         for thread in threads:
@@ -584,9 +517,7 @@ class VirtioNet(NetBatches, VirtioDevice):
         pairs, self._pairs = self._pairs, []
         for p in pairs:
             self._past_stats.add(p.stats)
-            p.ep.close()
-            p.close_batches()
-            p.forget_rx_buffers()  # the driver gets its buffers back by resetting the queues
+            p.close()  # the driver gets its buffers back by resetting the queues
         self.mac = self.default_mac
         self._reset_rx_mode()
 
@@ -601,7 +532,7 @@ class VirtioNet(NetBatches, VirtioDevice):
             total.add(p.stats)
         return total
 
-    def pair_state(self, index: int) -> _Pair:
+    def pair_state(self, index: int) -> QueuePair:
         """A pair's state (for tests and debugging)."""
         return self._pairs[index]
 
@@ -619,12 +550,12 @@ class VirtioNet(NetBatches, VirtioDevice):
                 p.rx_waiting = False
                 self._update_interest(p)
 
-    def _update_interest(self, p: _Pair) -> None:
+    def _update_interest(self, p: QueuePair) -> None:
         """Watch the tap fd for what the pair waits for now (call with p.lock held)."""
         want = 0
         if p.enabled and not p.rx_waiting and not self._queue_failed[p.rx]:
             want |= select.EPOLLIN
-        if p.tx_blocked and not self._queue_failed[p.tx]:
+        if p.tx_path.blocked and not self._queue_failed[p.tx]:
             want |= select.EPOLLOUT
         if p.tap_gone:
             if p.events is not None:
@@ -648,19 +579,19 @@ class VirtioNet(NetBatches, VirtioDevice):
             return
         if events & select.EPOLLOUT:
             with p.lock:
-                p.tx_blocked = False
+                p.tx_path.unblock()
                 self._update_interest(p)
             self.process_tx(index)
         if events & select.EPOLLIN:
             self.process_rx(index)
 
-    def _tap_lost(self, p: _Pair) -> None:
+    def _tap_lost(self, p: QueuePair) -> None:
         """The tap went away under us (deleted by someone): link down for the driver."""
         with p.lock:
             self._mark_tap_gone(p)
         self._link_down()
 
-    def _mark_tap_gone(self, p: _Pair) -> None:
+    def _mark_tap_gone(self, p: QueuePair) -> None:
         """Stop watching a queue of the tap that cannot be used any more (call with p.lock held)."""
         if not p.tap_gone:
             log.warning("%s: tap %s queue %d is gone: link down", self.name, self.tap.name, p.index)
@@ -672,127 +603,33 @@ class VirtioNet(NetBatches, VirtioDevice):
             self.link_up = False
             self.config_changed()  # VIRTIO_NET_S_LINK_UP is off: tell the driver
 
-    # -- transmit -------------------------------------------------------------------------
+    # -- transmit and receive --------------------------------------------------------------
     def process_tx(self, index: int) -> None:
-        """Send every frame of transmitq `index` to the tap (on the pair's I/O thread).
-
-        The hot loop of the device.  On the batch path: the available chains of the
-        usual shape walked together (BatchReader), one writev each submitted to the
-        kernel together (io_uring), their used elements written together.  A chain
-        of another shape, or without the batch path: one pop_buffers() (the chain's
-        memoryviews), one writev, one used element.  used.idx, the driver's
-        notification flag and the interrupt once per batch.
-        """
+        """Send the frames of transmitq `index` to the tap (on the pair's I/O thread, or a test's):
+        up to TX_BATCH chains, then the receiveq gets the thread and this comes back at once.
+        used.idx, the driver's notification flag and the interrupt once per batch (TxPath)."""
         if index >= len(self._pairs):
             return  # not active (a stale kick)
         p = self._pairs[index]
         qi = p.tx
-        queue = self.queues[qi]
-        pop, add_used, send = queue.pop_buffers, queue.add_used, p.send
-        frames = nbytes = done = 0
         with p.lock:
-            if p.tx_blocked or self._queue_failed[qi]:
+            if p.tx_path.blocked or self._queue_failed[qi]:
                 return
-            first_used = queue.next_used
             try:
-                queue.set_notification(False)
-                if p.tx_retry:
-                    frames, nbytes = self._tx_retry(p, queue)
-                while done < TX_BATCH and not p.tx_blocked:
-                    if p.tx_reader is not None:
-                        batch = p.tx_reader.peek(
-                            TX_BATCH - done,
-                            writable=False,
-                            min_length=NET_HDR_SIZE,
-                            max_length=MAX_BUFFER,
-                            max_buffers=TX_BATCH_BUFFERS,
-                        )
-                        if batch is None:
-                            if queue.enable_notification():
-                                queue.set_notification(False)
-                                continue
-                            break
-                        if len(batch):
-                            sent, sent_bytes = self._tx_batch(p, batch)
-                            frames += sent
-                            nbytes += sent_bytes
-                            done += len(batch)
-                            queue.publish_used()  # the driver may reuse these while we go on
-                            continue
-                        # the next chain is not of the usual shape: it goes alone, below
-                    try:
-                        chain = pop()
-                    except ChainError as err:  # malformed, or with device-writable buffers
-                        p.stats.tx_dropped += 1
-                        self._on_chain_error(queue, err)
-                        done += 1
-                        continue
-                    if chain is None:
-                        if queue.enable_notification():
-                            queue.set_notification(False)
-                            continue
-                        break
-                    head, views, length, writable, _ = chain
-                    if writable or not NET_HDR_SIZE <= length <= MAX_BUFFER or len(views) > IOV_MAX:
-                        self._tx_drop(p, head, length, writable)
-                    else:
-                        try:
-                            send(views)
-                        except BlockingIOError:
-                            queue.undo_pop()  # the tap is full: this chain goes first when it has room
-                            self._tx_block(p)
-                            break
-                        except OSError as err:
-                            self._tx_error(p, length, err)
-                        else:
-                            frames += 1
-                            nbytes += length
-                    add_used(head, 0)
-                    done += 1
-                    if not done % PUBLISH_EVERY:
-                        queue.publish_used()  # the driver may reuse these while we go on
-                else:
-                    if done >= TX_BATCH:  # let the receiveq have the thread, and come back at once
-                        os.eventfd_write(self.queue_events[qi], 1)
-                if queue.next_used != first_used:
-                    queue.publish_used()
+                outcome = p.tx_path.drain(TX_BATCH)
             except QueueError as err:
                 self.fail_queue(qi, err)
                 self._update_interest(p)
                 return
-            finally:
-                p.stats.tx_frames += frames
-                p.stats.tx_bytes += nbytes - NET_HDR_SIZE * frames
+            if outcome is TxOutcome.BLOCKED:  # the tap is full: wait for EPOLLOUT
+                self._update_interest(p)
+            elif outcome is TxOutcome.BUDGET_SPENT:  # let the receiveq have the thread, and come back
+                os.eventfd_write(self.queue_events[qi], 1)
         self.notify(qi)
 
-    def _tx_block(self, p: _Pair) -> None:
-        """The tap is full: wait for EPOLLOUT before sending more (call with p.lock held)."""
-        if not p.tx_blocked:
-            p.tx_blocked = True
-            p.stats.tx_blocked += 1
-            self._update_interest(p)
-
-    def _tx_drop(self, p: _Pair, head: int, length: int, writable: bool) -> None:
-        """A TX chain that is no frame: completed unsent."""
-        p.stats.tx_dropped += 1
-        if writable:
-            self._guest_error("%s: TX chain %d has device-writable buffers: dropped", self.name, head)
-        elif not NET_HDR_SIZE <= length <= MAX_BUFFER:
-            self._guest_error(
-                "%s: TX chain %d is %d bytes, not %d to %d: dropped", self.name, head, length, NET_HDR_SIZE, MAX_BUFFER
-            )
-        else:
-            self._guest_error("%s: TX chain %d has more than %d buffers: dropped", self.name, head, IOV_MAX)
-
-    def _tx_error(self, p: _Pair, length: int, err: OSError) -> None:
-        """The tap refused a frame: EINVAL, the kernel did not like its header (a bad gso_type...);
-        EIO, the host side is down.  Counted; the chain is completed all the same."""
-        p.stats.tx_errors += 1
-        self._tap_error("%s: tap %s refused a frame of %d bytes: %s", self.name, self.tap.name, length, err)
-
-    # -- receive --------------------------------------------------------------------------
     def process_rx(self, index: int) -> None:
-        """Move frames from the tap to receiveq `index` while there are buffers for them.
+        """Move frames from the tap to receiveq `index` while there are buffers for them (RxPath):
+        up to RX_BATCH per call, one used.idx update and one interrupt.
 
         Called when the tap is readable and when the driver kicks the receiveq
         (it posted buffers): on the pair's I/O thread, or by a test.
@@ -801,205 +638,32 @@ class VirtioNet(NetBatches, VirtioDevice):
             return
         p = self._pairs[index]
         qi = p.rx
-        queue = self.queues[qi]
         with p.lock:
             if self._queue_failed[qi] or not p.enabled or p.tap_gone:
                 return
-            first_used = queue.next_used
-            need = self._rx_need if self._mrg else 1
             try:
-                frames = 0
-                while frames < RX_BATCH:
-                    if p.rx_pending:  # frames a batch read first (MRG_RXBUF), waiting for buffers
-                        delivered, done = self._rx_deliver_pending(p, queue)
-                        frames += delivered
-                        if not done:
-                            self._rx_wait_for_buffers(p)
-                            break
-                        continue
-                    if p.rx_reader is not None and not p.rx_buffers:
-                        take = self._rx_merge_batch if p.rx_long else self._rx_batch
-                        got, state = take(p, queue, RX_BATCH - frames)  # (dropped frames count too)
-                        if state == NO_BUFFERS:
-                            self._rx_wait_for_buffers(p)
-                            break
-                        if p.rx_waiting:
-                            p.rx_waiting = False
-                            self._update_interest(p)
-                        if got:
-                            frames += got
-                            queue.publish_used()
-                        if state == TAP_EMPTY:
-                            break
-                        if state == MORE:
-                            continue
-                        # the next chain is not of the usual shape: one frame the one-chain way
-                    if p.rx_capacity < need and not self._take_rx_buffers(p, queue):
-                        self._rx_wait_for_buffers(p)
-                        break
-                    if p.rx_waiting:
-                        p.rx_waiting = False
-                        self._update_interest(p)
-                    if not self._receive(p, queue):
-                        break  # the tap is empty
-                    frames += 1
-                    if not frames % PUBLISH_EVERY:
-                        queue.publish_used()
-                if queue.next_used != first_used:
-                    queue.publish_used()
+                outcome = p.rx_path.fill(RX_BATCH)
             except QueueError as err:
                 self.fail_queue(qi, err)
                 self._update_interest(p)
                 return
+            if p.rx_path.buffers_found and p.rx_waiting:
+                p.rx_waiting = False
+                self._update_interest(p)
+            if outcome is RxOutcome.NO_BUFFERS:
+                self._rx_wait_for_buffers(p)
+            if p.rx_path.eof:
+                self._mark_tap_gone(p)
         if p.tap_gone:
             self._link_down()
         self.notify(qi)
 
-    def _rx_wait_for_buffers(self, p: _Pair) -> None:
+    def _rx_wait_for_buffers(self, p: QueuePair) -> None:
         """Back-pressure: no buffers, so leave the frames in the tap until the driver kicks."""
         if not p.rx_waiting:
             p.rx_waiting = True
             p.stats.rx_no_buffers += 1
             self._update_interest(p)
-
-    def _pop_rx_chain(self, p: _Pair, queue: Queue, min_capacity: int = 1) -> tuple[int, list[memoryview], int, int] | None:
-        """The next available RX chain of min_capacity+ device-writable bytes in under IOV_MAX
-        buffers, as (head, views, capacity, ring descriptors); None when there is none (the
-        driver is then asked for a kick, and the ring looked at once more: no lost kick).
-        A malformed chain is counted and handled by _on_chain_error; one of the wrong shape is
-        returned empty."""
-        while True:
-            try:
-                chain = queue.pop_buffers()
-            except ChainError as err:
-                p.stats.rx_bad_chains += 1
-                self._on_chain_error(queue, err)
-                continue
-            if chain is None:
-                p.rx_kicks_on = True
-                if queue.enable_notification():
-                    continue
-                return None
-            head, views, capacity, writable, descriptors = chain
-            if writable and capacity >= min_capacity and len(views) < IOV_MAX:
-                return head, views, capacity, descriptors
-            p.stats.rx_bad_chains += 1
-            self._guest_error(
-                "%s: RX chain %d is not %d+ device-writable bytes in under %d buffers: returned empty",
-                self.name, head, min_capacity, IOV_MAX,
-            )
-            queue.add_used(head, 0)
-
-    def _take_rx_buffers(self, p: _Pair, queue: Queue, need: int | None = None) -> bool:
-        """Pop chains until a frame surely fits, or one of `need` bytes (or the ring is empty);
-        False if there are none (with MRG_RXBUF: too few, and the driver can add more)."""
-        mrg = self._mrg
-        if need is None:
-            need = self._rx_need if mrg else 1  # without MRG_RXBUF one chain takes any frame it can
-        buffers = p.rx_buffers
-        while p.rx_capacity < need:
-            chain = self._pop_rx_chain(p, queue, NET_HDR_SIZE)
-            if chain is None:
-                break
-            self._hold_rx_chain(p, *chain)
-        else:
-            if p.rx_kicks_on:  # enough in hand: the driver need not tell us about more
-                queue.set_notification(False)
-                p.rx_kicks_on = False
-            return True
-        # The ring ran dry first.  Reading now could take a frame too big for what we hold and
-        # drop it: wait for the driver's kick instead (armed above) - unless we hold the whole
-        # descriptor table, so the driver cannot give more (its choice: then the biggest frames
-        # cannot fit, and are counted in rx_truncated).
-        if mrg and p.rx_descriptors < queue.size:
-            return False
-        return bool(buffers)
-
-    def _hold_rx_chain(self, p: _Pair, head: int, views: list[memoryview], capacity: int, descriptors: int) -> None:
-        """Keep an RX chain for the frames to come (after those held already)."""
-        if self._mrg:
-            p.rx_iov[-1:-1] = views
-        else:
-            views.append(p.scratch)
-        p.rx_buffers.append((head, views, capacity, descriptors))
-        p.rx_capacity += capacity
-        p.rx_descriptors += descriptors
-
-    def _receive(self, p: _Pair, queue: Queue) -> bool:
-        """Read one frame from the tap into the buffers in hand; False if the tap had none."""
-        buffers = p.rx_buffers
-        if not self._mrg:
-            iov = buffers[0][1]
-            capacity = buffers[0][2]
-        elif len(p.rx_iov) <= IOV_MAX:
-            iov = p.rx_iov
-            capacity = p.rx_capacity
-        else:  # more views held than one readv takes: the first chains, up to what a frame needs
-            iov = []
-            capacity = 0
-            for _, views, cap, _ in buffers:
-                if capacity and (capacity >= self._rx_need or len(iov) + len(views) >= IOV_MAX):
-                    break
-                iov += views
-                capacity += cap
-            iov.append(p.scratch)
-        try:
-            n = p.recv(iov)
-        except BlockingIOError:
-            return False
-        except OSError as err:
-            self._tap_error("%s: reading tap %s: %s", self.name, self.tap.name, err)
-            return False
-        if n == 0:  # end of file: not from a tap (a frame has its header), but a socket backend closed
-            self._mark_tap_gone(p)
-            return False
-        if n > capacity or n < NET_HDR_SIZE:
-            p.stats.rx_truncated += 1
-            self._tap_error(
-                "%s: a frame from tap %s did not fit the %d bytes of receive buffers in hand: dropped",
-                self.name, self.tap.name, capacity,
-            )
-            return True
-        self._rx_hand_over(p, queue, n)
-        return True
-
-    def _rx_hand_over(self, p: _Pair, queue: Queue, n: int) -> None:
-        """The first `n` bytes of the chains held are a frame: the chains it filled are the
-        driver's, each with the bytes it got, num_buffers in the header says how many."""
-        buffers = p.rx_buffers
-        head, views, cap, descriptors = buffers.popleft()
-        first_views = views  # the header is in the first chain (it has NET_HDR_SIZE bytes or more)
-        first = views[0]
-        if n <= cap:  # one chain (always, without MRG_RXBUF)
-            queue.add_used(head, n)
-            count = 1
-            p.rx_capacity -= cap
-            p.rx_descriptors -= descriptors
-            used_views = len(views)
-        else:
-            buffers.appendleft((head, views, cap, descriptors))
-            count = used_views = 0
-            remaining = n
-            while remaining > 0:
-                head, views, cap, descriptors = buffers.popleft()
-                got = cap if cap < remaining else remaining
-                queue.add_used(head, got)
-                p.rx_capacity -= cap
-                p.rx_descriptors -= descriptors
-                used_views += len(views)
-                remaining -= got
-                count += 1
-        if self._mrg:
-            del p.rx_iov[:used_views]
-        if len(first) >= NET_HDR_SIZE:  # the usual case: the whole header in the first buffer
-            _U16.pack_into(first, NUM_BUFFERS_OFFSET, count)
-            if not self._guest_csum:
-                first[0] = 0
-        else:
-            _patch_header(first_views, count, None if self._guest_csum else 0)
-        stats = p.stats
-        stats.rx_frames += 1
-        stats.rx_bytes += n - NET_HDR_SIZE
 
     # -- control queue ----------------------------------------------------------------------
     def process_ctrl(self) -> None:
@@ -1077,26 +741,3 @@ class VirtioNet(NetBatches, VirtioDevice):
                 return VIRTIO_NET_OK
         self._guest_error("%s: control command class %d command %d is not supported", self.name, cls, cmd)
         return VIRTIO_NET_ERR
-
-
-def _patch_header(views: list[memoryview], num_buffers: int, flags: int | None) -> None:
-    """Write num_buffers (and, unless None, flags) into the header at the start of `views`."""
-    first = views[0]
-    if len(first) >= NET_HDR_SIZE:  # the usual case: the header is in one buffer
-        _U16.pack_into(first, NUM_BUFFERS_OFFSET, num_buffers)
-        if flags is not None:
-            first[0] = flags
-        return
-    patches = [(NUM_BUFFERS_OFFSET, _U16.pack(num_buffers))]
-    if flags is not None:
-        patches.append((0, bytes([flags])))
-    for offset, data in patches:
-        pos = 0
-        for view in views:
-            for i, byte in enumerate(data):
-                j = offset + i - pos
-                if 0 <= j < len(view):
-                    view[j] = byte
-            pos += len(view)
-            if pos >= offset + len(data):
-                break

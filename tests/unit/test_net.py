@@ -13,7 +13,6 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
 
 import pytest
 
@@ -80,7 +79,7 @@ from virtio.net import (
     parse_net_spec,
     tun_offload_flags,
 )
-from virtio.net_batch import RX_PUBLISH_CHAINS, RX_SHORT_RUN
+from virtio.net_rx import RX_PUBLISH_CHAINS, RX_SHORT_RUN
 from virtio.net_hdr import (
     NET_HDR_SIZE,
     VIRTIO_NET_HDR,
@@ -575,7 +574,7 @@ def test_tx_refused_in_a_batch_is_counted_and_completed(make_dev, mem):
     assert drv.txq().used_entries() == [(h, 0) for h in heads]
     stats = dev.stats()
     assert (stats.tx_errors, stats.tx_frames, stats.tx_blocked) == (5, 0, 0)
-    assert dev.pair_state(0).tx_retry == deque()
+    assert dev.pair_state(0).tx_path.unsent == 0
 
 
 def test_tx_back_pressure(make_dev, mem):
@@ -590,7 +589,7 @@ def test_tx_back_pressure(make_dev, mem):
     sent = len(used)
     assert 0 < sent < 30  # the peer's queue filled up
     p = dev.pair_state(0)
-    assert p.tx_blocked and p.events & select.EPOLLOUT
+    assert p.tx_path.blocked and p.events & select.EPOLLOUT
     assert dev.stats().tx_blocked == 1
     dev.process_tx(0)  # a kick while blocked does nothing
     assert drv.txq().used_entries() == []
@@ -601,12 +600,12 @@ def test_tx_back_pressure(make_dev, mem):
         assert rounds < 50
         got += dev.tap.received()
         ready = p.ep.poll(0)
-        assert ready == [(p.fd, select.EPOLLOUT)] or not p.tx_blocked
+        assert ready == [(p.fd, select.EPOLLOUT)] or not p.tx_path.blocked
         dev._tap_event(0)  # what the pair's thread does when the tap fd is ready
         used += drv.txq().used_entries()
     assert got == frames
     assert used == [(h, 0) for h in heads]
-    assert not p.tx_blocked and not p.events & select.EPOLLOUT
+    assert not p.tx_path.blocked and not p.events & select.EPOLLOUT
 
 
 def test_tx_on_a_broken_ring_needs_reset(drv, dev):
@@ -721,7 +720,7 @@ def test_rx_back_pressure(drv, dev):
     for f in frames:
         dev.tap.send(hdr() + f)
     p = dev.pair_state(0)
-    batches = p.rx_reader is not None
+    batches = p.rx_path.batches
 
     def waiting(avail_event, no_buffers=1, reads=0):
         assert dev.tap.reads == reads and dev.tap.device_side_pending()  # frames still in the tap
@@ -779,13 +778,13 @@ def test_rx_mergeable_with_few_buffers(make_dev, mem):
         dev.tap.send(hdr() + f)
     dev.process_rx(0)
     p = dev.pair_state(0)
-    batches = p.rx_reader is not None
+    batches = p.rx_path.batches
     assert p.rx_waiting and not p.events & select.EPOLLIN
     assert drv.rxq().avail_event == 4  # a kick is requested for the next buffer
     got = drv.received()
     if batches:  # all three read (three chains); the 100 handed over, the 20000 waits with the 3000
         assert [f for _, f in got] == frames[:1] and not dev.tap.device_side_pending()
-        assert len(p.rx_pending) == 2
+        assert p.rx_path.pending == 2
     else:
         assert dev.tap.reads == 0 and dev.tap.device_side_pending()
         assert got == []
@@ -831,9 +830,9 @@ def test_rx_mergeable_whole_ring_below_a_largest_frame(make_dev, mem):
     for f in frames:
         dev.tap.send(hdr() + f)
     dev.process_rx(0)
-    if p.rx_reader is not None:
+    if p.rx_path.batches:
         assert [f for _, f in drv.received()] == frames[:1]  # the rest read, the 20000 waiting for room
-        assert len(p.rx_pending) == 3
+        assert p.rx_path.pending == 3
         drv.post_rx([2048])
         dev.process_rx(0)
         assert drv.received() == [] and p.rx_waiting and dev.stats().rx_truncated == 0
@@ -939,7 +938,7 @@ def pump_rx(drv, dev, frames, header, buf_size, *, split=None):
 def test_rx_mergeable_stream_of_long_frames(make_dev, mem, split, size):
     """Frames of every size, most longer than a 2048-byte chain, in a stream that keeps the ring
     busy: each arrives whole, in order, in the fewest chains (num_buffers).  The batch path reads
-    such a stream a frame at a time across as many chains as a largest frame needs (rx_long);
+    such a stream a frame at a time across as many chains as a largest frame needs (RxPath.reading_long_frames);
     after RX_SHORT_RUN frames in a row that fit a chain, batches of one read per chain again."""
     dev = make_dev()
     drv = Driver(mem, dev)
@@ -956,13 +955,13 @@ def test_rx_mergeable_stream_of_long_frames(make_dev, mem, split, size):
     stats = dev.stats()
     assert (stats.rx_frames, stats.rx_truncated, stats.rx_bad_chains) == (len(frames), 0, 0)
     assert stats.rx_bytes == sum(map(len, frames))
-    if p.rx_reader is not None:
-        assert p.rx_long
+    if p.rx_path.batches:
+        assert p.rx_path.reading_long_frames
     short = [frame_of(60 + i % 1400, seed=i) for i in range(RX_SHORT_RUN + 40)]
     got = pump_rx(drv, dev, short, hdr(), size, split=split)
     assert [f for _, f in got] == short
     assert all(VIRTIO_NET_HDR.unpack(h)[6] == 1 for h, _ in got)
-    assert not p.rx_long
+    assert not p.rx_path.reading_long_frames
     assert not dev.tap.device_side_pending()
 
 
@@ -982,7 +981,7 @@ def test_rx_mergeable_long_frames_handed_over_while_more_are_read(make_dev, mem,
     dev.tap.send(header + first)
     dev.process_rx(0)
     assert [f for _, f in drv.received()] == [first]  # (and now reading long frames)
-    assert p.rx_reader is not None and p.rx_long
+    assert p.rx_path.batches and p.rx_path.reading_long_frames
     seen = []  # (used.idx, interrupts so far) as each read starts
     (batch_io,) = dev.tap.batch_ios
     real = batch_io.readv_at
@@ -1063,7 +1062,7 @@ def test_rx_mergeable_chains_of_tiny_buffers(make_dev, mem):
     assert [f for _, f in got] == frames[:3] + frames[4:]
     assert all(VIRTIO_NET_HDR.unpack(h)[6] == -(-10012 // 288) for h, _ in got)
     assert dev.stats().rx_truncated == 1
-    assert p.rx_long == (p.rx_reader is not None)
+    assert p.rx_path.reading_long_frames == (p.rx_path.batches)
 
 
 def test_rx_mergeable_waits_for_room_past_the_chains_it_has_seen(make_dev, mem):
@@ -1080,7 +1079,7 @@ def test_rx_mergeable_waits_for_room_past_the_chains_it_has_seen(make_dev, mem):
     dev.tap.send(hdr() + frames[0])
     dev.process_rx(0)
     assert [f for _, f in drv.received()] == frames[:1]
-    assert p.rx_long == (p.rx_reader is not None)
+    assert p.rx_path.reading_long_frames == (p.rx_path.batches)
     dev.tap.send(hdr() + frames[1])  # 25 chains of 2048 left: too few for 12 + 65550 bytes
     dev.process_rx(0)
     assert drv.received() == [] and dev.tap.device_side_pending()
@@ -1125,7 +1124,7 @@ def test_rx_bad_chains_while_reading_long_frames(drv, dev):
     dev.tap.send(hdr() + first)
     dev.process_rx(0)
     assert [f for _, f in drv.received()] == [first]
-    assert p.rx_long == (p.rx_reader is not None)
+    assert p.rx_path.reading_long_frames == (p.rx_path.batches)
     drv.post_rx([2048] * 8)  # with the 18 left: 26 chains, too few for a largest frame, then
     mq.add_chain([Buf(drv.alloc(100), 100)])  # a device-readable chain in a receiveq
     drv.post_rx([2048] * 20)
