@@ -197,6 +197,25 @@ TX_BATCH = 256
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
+# What the device offers (VIRTIO_NET_F_MQ too, with more than one queue pair).
+OFFERED_FEATURES = (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+)
+
 # VIRTIO_NET_F_GUEST_* -> TUN_F_*; TUNSETOFFLOAD wants TSO/UFO only with CSUM and ECN only with TSO.
 GUEST_GSO_FEATURES = (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6) | (1 << VIRTIO_NET_F_GUEST_UFO)
 
@@ -392,25 +411,7 @@ class VirtioNet(VirtioDevice):
         self.batches = batches  # the batch path where the backend and the kernel allow it
         self.link_up = True
 
-        features = 0
-        for bit in (
-            VIRTIO_NET_F_CSUM,
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_MTU,
-            VIRTIO_NET_F_MAC,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_GUEST_TSO6,
-            VIRTIO_NET_F_GUEST_ECN,
-            VIRTIO_NET_F_HOST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-            VIRTIO_NET_F_HOST_ECN,
-            VIRTIO_NET_F_MRG_RXBUF,
-            VIRTIO_NET_F_STATUS,
-            VIRTIO_NET_F_CTRL_VQ,
-            VIRTIO_NET_F_CTRL_RX,
-            VIRTIO_NET_F_CTRL_MAC_ADDR,
-        ):
-            features |= 1 << bit
+        features = sum(1 << bit for bit in OFFERED_FEATURES)
         if queue_pairs > 1:
             features |= 1 << VIRTIO_NET_F_MQ
         super().__init__(mem, num_queues=2 * queue_pairs + 1, queue_size=queue_size, features=features)
@@ -698,46 +699,72 @@ class VirtioNet(VirtioDevice):
         return 1
 
     def _ctrl_execute(self, cls: int, cmd: int, data: bytes) -> int:
-        if cls == VIRTIO_NET_CTRL_MQ and cmd == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET and self.has_feature(VIRTIO_NET_F_MQ):
-            if len(data) != 2:
+        """The ack of one command; one of a class or feature not negotiated is not supported."""
+        handler = {
+            VIRTIO_NET_CTRL_MQ: self._ctrl_mq,
+            VIRTIO_NET_CTRL_RX: self._ctrl_rx,
+            VIRTIO_NET_CTRL_MAC: self._ctrl_mac,
+        }.get(cls)
+        ack = handler(cmd, data) if handler is not None else None
+        if ack is None:
+            self._guest_error("%s: control command class %d command %d is not supported", self.name, cls, cmd)
+            return VIRTIO_NET_ERR
+        return ack
+
+    def _ctrl_mq(self, cmd: int, data: bytes) -> int | None:
+        if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET or not self.has_feature(VIRTIO_NET_F_MQ):
+            return None
+        if len(data) != 2:
+            return VIRTIO_NET_ERR
+        (pairs,) = _U16.unpack(data)
+        if not VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= pairs <= self.queue_pairs:
+            self._guest_error("%s: VQ_PAIRS_SET %d is not from 1 to %d", self.name, pairs, self.queue_pairs)
+            return VIRTIO_NET_ERR
+        self.active_pairs = pairs
+        for k in range(self.queue_pairs):
+            self._enable_pair(k, k < pairs)
+        return VIRTIO_NET_OK
+
+    def _ctrl_rx(self, cmd: int, data: bytes) -> int | None:
+        if not self.has_feature(VIRTIO_NET_F_CTRL_RX):
+            return None
+        if cmd not in (VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_RX_ALLMULTI) or len(data) != 1:
+            return VIRTIO_NET_ERR
+        if cmd == VIRTIO_NET_CTRL_RX_PROMISC:
+            self.promisc = bool(data[0])
+        else:
+            self.allmulti = bool(data[0])
+        return VIRTIO_NET_OK
+
+    def _ctrl_mac(self, cmd: int, data: bytes) -> int | None:
+        if cmd == VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(VIRTIO_NET_F_CTRL_RX):
+            tables = _parse_mac_tables(data)
+            if tables is None:
                 return VIRTIO_NET_ERR
-            (pairs,) = _U16.unpack(data)
-            if not VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= pairs <= self.queue_pairs:
-                self._guest_error("%s: VQ_PAIRS_SET %d is not from 1 to %d", self.name, pairs, self.queue_pairs)
-                return VIRTIO_NET_ERR
-            self.active_pairs = pairs
-            for k in range(self.queue_pairs):
-                self._enable_pair(k, k < pairs)
+            self.mac_table = tables
             return VIRTIO_NET_OK
-        if cls == VIRTIO_NET_CTRL_RX and self.has_feature(VIRTIO_NET_F_CTRL_RX):
-            if cmd not in (VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_RX_ALLMULTI) or len(data) != 1:
+        if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET and self.has_feature(VIRTIO_NET_F_CTRL_MAC_ADDR):
+            if len(data) != ETH_ALEN:
                 return VIRTIO_NET_ERR
-            if cmd == VIRTIO_NET_CTRL_RX_PROMISC:
-                self.promisc = bool(data[0])
-            else:
-                self.allmulti = bool(data[0])
+            self.mac = bytes(data)
             return VIRTIO_NET_OK
-        if cls == VIRTIO_NET_CTRL_MAC:
-            if cmd == VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(VIRTIO_NET_F_CTRL_RX):
-                tables = []
-                pos = 0
-                for _ in range(2):  # unicast, then multicast: le32 entries; u8 macs[entries][6]
-                    if pos + 4 > len(data):
-                        return VIRTIO_NET_ERR
-                    (entries,) = _U32.unpack_from(data, pos)
-                    end = pos + 4 + ETH_ALEN * entries
-                    if end > len(data):
-                        return VIRTIO_NET_ERR
-                    tables.append([data[i : i + ETH_ALEN] for i in range(pos + 4, end, ETH_ALEN)])
-                    pos = end
-                if pos != len(data):
-                    return VIRTIO_NET_ERR
-                self.mac_table = (tables[0], tables[1])
-                return VIRTIO_NET_OK
-            if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET and self.has_feature(VIRTIO_NET_F_CTRL_MAC_ADDR):
-                if len(data) != ETH_ALEN:
-                    return VIRTIO_NET_ERR
-                self.mac = bytes(data)
-                return VIRTIO_NET_OK
-        self._guest_error("%s: control command class %d command %d is not supported", self.name, cls, cmd)
-        return VIRTIO_NET_ERR
+        return None
+
+
+def _parse_mac_tables(data: bytes) -> tuple[list[bytes], list[bytes]] | None:
+    """MAC TABLE_SET's data: unicast, then multicast, each le32 entries; u8 macs[entries][6].
+    None unless exactly that."""
+    tables = []
+    pos = 0
+    for _ in range(2):
+        if pos + 4 > len(data):
+            return None
+        (entries,) = _U32.unpack_from(data, pos)
+        end = pos + 4 + ETH_ALEN * entries
+        if end > len(data):
+            return None
+        tables.append([data[i : i + ETH_ALEN] for i in range(pos + 4, end, ETH_ALEN)])
+        pos = end
+    if pos != len(data):
+        return None
+    return tables[0], tables[1]
