@@ -525,3 +525,86 @@ def test_io_uring_probe_tells_whether_nowait_tap_io_works_and_moves_no_frame(net
             finally:
                 reader.close()
                 writer.close()
+
+
+# -- batch I/O (NetBatchIO): what virtio-net's ring paths call -----------------------------------
+
+
+def _iov_rows(*rows):
+    """Each row a list of buffers: (the iovec arrays, their addresses, their counts), kept alive together."""
+    import numpy as np
+
+    arrays = [np.array([[ctypes.addressof(ctypes.c_char.from_buffer(b)), len(b)] for b in bufs], dtype=np.uint64)
+              for bufs in rows]
+    addresses = np.array([a.ctypes.data for a in arrays], dtype=np.uint64)
+    counts = np.array([len(a) for a in arrays], dtype=np.uint64)
+    return arrays, addresses, counts
+
+
+def test_iovec_loop_moves_a_frame_per_row_and_reports_errors_per_row():
+    """IovecLoop (a backend without io_uring, a test's fake): one readv / writev per row, in
+    order; -EAGAIN for an empty / full queue, -errno for a refusal, as io_uring reports them."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        a.setblocking(False)
+        refuse = []
+
+        def writev(views):
+            if refuse:
+                raise OSError(refuse[0], os.strerror(refuse[0]))
+            return os.writev(a.fileno(), views)
+
+        loop = tapmod.IovecLoop(lambda views: os.readv(a.fileno(), views), writev)
+        frames = [bytearray(b"first frame"), bytearray(b"second"), bytearray(b"3")]
+        pieces = [frames[0][:5], frames[0][5:]]  # (a frame in two buffers)
+        keep, addresses, counts = _iov_rows(pieces, [frames[1]], [frames[2]])
+        assert list(loop.write_batch(addresses, counts)) == [11, 6, 1]
+        assert [b.recv(100) for _ in frames] == [bytes(f) for f in frames]
+        refuse.append(errno.EINVAL)
+        assert list(loop.write_batch(addresses[:1], counts[:1])) == [-errno.EINVAL]
+        b.send(b"to the device")
+        bufs = [bytearray(4), bytearray(20), bytearray(8)]
+        keep, addresses, counts = _iov_rows(bufs[:2], bufs[2:])
+        assert list(loop.read_batch(addresses, counts)) == [13, -errno.EAGAIN]
+        assert bytes(bufs[0] + bufs[1][:9]) == b"to the device"
+        b.send(b"again")
+        assert loop.readv_at(int(addresses[1]), 1) == 5 and bytes(bufs[2][:5]) == b"again"
+        assert loop.readv_at(int(addresses[1]), 1) == -errno.EAGAIN
+        del keep
+
+
+def test_tap_batch_io_moves_frames_or_says_once_why_not(netns, monkeypatch, caplog):
+    """Tap.open_batch_io: io_uring batches where the kernel takes RWF_NOWAIT on a tap, else None
+    (Linux 6.1); either way the path is said once per process."""
+    import logging
+
+    monkeypatch.setattr(tapmod, "_said_path", False)
+    with netns.open_tap("pvt0") as tap, caplog.at_level(logging.INFO, logger=tapmod.__name__):
+        netns.link_up("pvt0")
+        host = netns.packet_socket("pvt0")
+        with host:
+            batch_io, again = tap.open_batch_io(0), tap.open_batch_io(0)
+            said = [r.getMessage() for r in caplog.records if "I/O path" in r.getMessage()]
+            assert len(said) == 1
+            if batch_io is None:
+                assert again is None and "io_uring batches unavailable" in said[0]
+                return
+            try:
+                assert "io_uring batches" in said[0]
+                frame = bytearray(eth_frame(b"batch".ljust(46, b".")))
+                hdr = bytearray(VNET_HDR.pack(0, 0, 0, 0, 0, 0, 0))
+                keep, addresses, counts = _iov_rows([hdr, frame], [hdr, frame])
+                assert list(batch_io.write_batch(addresses, counts)) == [12 + len(frame)] * 2
+                assert recv_frames(host, 2) == [bytes(frame)] * 2
+                incoming = eth_frame(b"to the guest".ljust(46, b"."), dst=GUEST_MAC, src=HOST_MAC)
+                host.send(incoming)
+                assert wait_readable(tap.fileno())
+                bufs = [bytearray(12), bytearray(2000), bytearray(12), bytearray(2000)]
+                keep, addresses, counts = _iov_rows(bufs[:2], bufs[2:])
+                assert list(batch_io.read_batch(addresses, counts)) == [12 + len(incoming), -errno.EAGAIN]
+                assert bytes(bufs[1][: len(incoming)]) == incoming
+                assert batch_io.readv_at(int(addresses[0]), 2) == -errno.EAGAIN
+                del keep
+            finally:
+                batch_io.close()
+                again.close()
