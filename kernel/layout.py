@@ -65,3 +65,9 @@ KERNEL_DEFAULT_LOAD = 0x1000000
 # Heap end for the real-mode setup code: heap_end_ptr = 0xfe00 (heap_end 0x10000 - 0x200).
 # Nothing of setup runs with the 64-bit entry; the field is set as the spec asks.
 SETUP_HEAP_END = 0x10000
+
+# Intel VT-x needs three pages for a real-mode TSS (KVM_SET_TSS_ADDR) and one for the EPT identity
+# map (KVM_SET_IDENTITY_MAP_ADDR); they sit in the MMIO hole just under the BIOS area, as in other
+# VMMs.  (A firmware boot puts them under its image instead: vmm/firmware/image.py.)
+VMX_TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000

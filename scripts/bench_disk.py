@@ -32,9 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import driver as D  # noqa: E402
-from virtio.blk import DiskSpec  # noqa: E402
-from vmm.cli import parse_size  # noqa: E402
-from vmm.machine import Machine, MachineConfig  # noqa: E402
+from vmm.config import DiskSpec, VmConfig, parse_size  # noqa: E402
+from vmm.machine import Machine  # noqa: E402
 
 MiB = 1 << 20
 
@@ -88,8 +87,8 @@ def make_image(path: Path, size: int) -> None:
 
 # -- pyvmm ----------------------------------------------------------------------------------
 def run_pyvmm(driver: str, image: Path, w: Workload, profile: cProfile.Profile | None, log: Path) -> Result:
-    m = Machine(MachineConfig(program=driver, console=f"file:{log}", mem_size=256 * MiB,
-                              disks=[DiskSpec(str(image), queues=1)]))
+    m = Machine(VmConfig(program=driver, console=f"file:{log}", mem_size=256 * MiB,
+                         disks=[DiskSpec(str(image), queues=1)]))
     try:
         dev = m.disks[0]
         if profile is not None:  # profile the device's I/O thread, request by request

@@ -616,11 +616,12 @@ def child_main(params: str) -> int:
     cmds = [D.Cmd.unpack(bytes.fromhex(h)) for h in p["cmds"]]
     load = {int(a): Path(f).read_bytes() for a, f in p["load"].items()}
     if p["vmm"] == "pyvmm":
-        from virtio.net import NetSpec
-        from vmm.machine import Machine, MachineConfig
+        from vmm.config import NetSpec
+        from vmm.config import VmConfig
+        from vmm.machine import Machine
 
-        m = Machine(MachineConfig(program=p["program"], console=f"file:{p['console']}", mem_size=512 * MiB, cpus=1,
-                                  nets=[NetSpec(tap=TAP, mac=GUEST_MAC, queues=1)]))
+        m = Machine(VmConfig(program=p["program"], console=f"file:{p['console']}", mem_size=512 * MiB, cpus=1,
+                             nets=[NetSpec(tap=TAP, mac=GUEST_MAC, queues=1)]))
         profiler = profile_io_thread(m.nets[0], p["profile"]) if p.get("profile") else None
         try:
             for a, data in load.items():

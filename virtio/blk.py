@@ -25,22 +25,17 @@ ring once, and interrupts the driver if it asked to be (EVENT_IDX).
 Errors: a malformed request fails alone (VIRTIO_BLK_S_IOERR, or UNSUPP for an
 unknown type) with a rate-limited log line; an unusable queue sets
 DEVICE_NEEDS_RESET and that queue is not served until the driver resets.
-
-The command line describes a disk as `PATH[,readonly=on][,serial=ID][,cache=none][,queues=N]`:
-`parse_disk_spec()` reads that, `VirtioBlk.from_spec()` opens the image and builds the device.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
 from vmm.memory import GuestMemory
 from .backends import BlockBackend
-from .backends.raw import CACHE_MODES, RawImage
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .ratelimit import RateLimitedLog
 from .queue import DescriptorChain, QueueError
@@ -109,70 +104,11 @@ VIRTIO_BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 assert VIRTIO_BLK_CONFIG.size == 60
 
 
-@dataclass(frozen=True)
-class DiskSpec:
-    """One disk as the command line describes it."""
-
-    path: str
-    read_only: bool = False
-    serial: str = ""
-    cache: str = "writeback"
-    queues: int | None = None  # None: the machine's choice (one per vCPU)
-
-
-DISK_SPEC_SYNTAX = "PATH[,readonly=on|off][,serial=ID][,cache=writeback|none][,queues=N]"
-_BOOLEANS = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
-
-
 def check_serial(serial: str) -> bytes:
     """The serial as GET_ID returns it: printable ASCII, at most 20 bytes.  Raises ValueError."""
     if len(serial) > VIRTIO_BLK_ID_BYTES or not all(" " <= c <= "~" for c in serial):
         raise ValueError(f"disk serial {serial!r} is not at most {VIRTIO_BLK_ID_BYTES} printable ASCII characters")
     return serial.encode("ascii")
-
-
-def parse_disk_spec(text: str) -> DiskSpec:
-    """Parse `PATH[,readonly=on][,serial=ID][,cache=none][,queues=N]`; ValueError says what is wrong."""
-    path, *options = text.split(",")
-    if not path:
-        raise ValueError(f"disk {text!r}: no image path (expected {DISK_SPEC_SYNTAX})")
-    values: dict[str, str] = {}
-    for option in options:
-        key, eq, value = option.partition("=")
-        key = key.strip().lower()
-        if not eq or not key:
-            raise ValueError(f"disk {text!r}: option {option!r} is not KEY=VALUE (expected {DISK_SPEC_SYNTAX})")
-        if key in ("ro", "read-only", "read_only"):
-            key = "readonly"
-        if key not in ("readonly", "serial", "cache", "queues"):
-            raise ValueError(f"disk {text!r}: unknown option {key!r} (known: readonly, serial, cache, queues)")
-        if key in values:
-            raise ValueError(f"disk {text!r}: option {key!r} given twice")
-        values[key] = value
-
-    read_only = False
-    if "readonly" in values:
-        flag = values["readonly"].strip().lower()
-        if flag not in _BOOLEANS:
-            raise ValueError(f"disk {text!r}: readonly={values['readonly']!r} is not on or off")
-        read_only = _BOOLEANS[flag]
-    serial = values.get("serial", "")
-    try:
-        check_serial(serial)
-    except ValueError as err:
-        raise ValueError(f"disk {text!r}: {err}") from None
-    cache = values.get("cache", "writeback").strip().lower()
-    if cache not in CACHE_MODES:
-        raise ValueError(f"disk {text!r}: cache={values['cache']!r} is not one of {', '.join(CACHE_MODES)}")
-    queues = None
-    if "queues" in values:
-        try:
-            queues = int(values["queues"], 10)
-        except ValueError:
-            queues = 0
-        if not 1 <= queues <= MAX_QUEUES:
-            raise ValueError(f"disk {text!r}: queues={values['queues']!r} is not a number from 1 to {MAX_QUEUES}")
-    return DiskSpec(path=path, read_only=read_only, serial=serial, cache=cache, queues=queues)
 
 
 def _views(mem: GuestMemory, regions: list[tuple[int, int]], start: int, end: int) -> list[memoryview]:
@@ -262,19 +198,6 @@ class VirtioBlk(VirtioDevice):
         self._threads: list[IoThread] = []
         self._guest_error = RateLimitedLog(log)
         self._io_error = RateLimitedLog(log)
-
-    @classmethod
-    def from_spec(cls, mem: GuestMemory, spec: DiskSpec, *, queue_size: int = 256) -> "VirtioBlk":
-        """Open the image a DiskSpec names and build its device (raises ImageError, ValueError)."""
-        backend = RawImage.open(spec.path, read_only=spec.read_only, cache=spec.cache)
-        try:
-            return cls(
-                mem, backend, num_queues=spec.queues or 1, queue_size=queue_size, serial=spec.serial,
-                read_only=spec.read_only
-            )
-        except BaseException:
-            backend.close()
-            raise
 
     # -- configuration space ---------------------------------------------------------
     def _build_config(self, queue_size: int, num_queues: int) -> bytes:

@@ -77,19 +77,10 @@ runs under its lock (the control queue changes other pairs' state).
 `deactivate()` (reset) stops and joins them; held RX chains are forgotten with
 the queues.  `io_threads=False` leaves the threads out, for tests that call
 process_rx / process_tx / process_ctrl themselves.
-
-The command line describes a NIC as `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`
-(rom: the PCI expansion ROM the machine puts behind the function's ROM BAR):
-`parse_net_spec()` reads that, `VirtioNet.from_spec()` opens the tap and builds
-the device.  Without mac=, `default_mac(tap, vm_id)` derives a stable, locally
-administered 52:54:00:xx:xx:xx address from the tap name and an identifier of
-the VM chosen by the caller (its name, say): the same VM on the same tap gets
-the same address on every start, two VMs (or two taps) almost surely differ.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import select
@@ -107,9 +98,6 @@ from .backends.tap import (
     TUN_F_UFO,
     NetBackend,
     NetBatchIO,
-    Tap,
-    TapError,
-    check_tap_name,
 )
 from .device import VIRTIO_ID_NET, VirtioDevice
 from .net_common import MAX_BUFFER, MAX_FRAME, NetStats, PathContext
@@ -257,87 +245,6 @@ def tun_offload_flags(features: int) -> int:
     return flags
 
 
-# -- the command line ------------------------------------------------------------------------
-
-NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    """One NIC as the command line describes it."""
-
-    tap: str
-    mac: bytes | None = None  # None: default_mac(tap, vm_id)
-    queues: int | None = None  # queue pairs; None: the machine's choice (1)
-    rom: str | None = None  # expansion ROM image; None: the machine's default, "off": none
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def parse_mac(text: str) -> bytes:
-    """`52:54:00:12:34:56` (or with '-') as 6 bytes; ValueError unless a unicast, non-zero address."""
-    parts = text.strip().replace("-", ":").split(":")
-    try:
-        if len(parts) != ETH_ALEN or not all(1 <= len(p) <= 2 for p in parts):
-            raise ValueError
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"MAC address {text!r} is not six hex bytes like 52:54:00:12:34:56") from None
-    if mac[0] & 1:
-        raise ValueError(f"MAC address {text!r} is a multicast address (the first byte is odd)")
-    if mac == bytes(ETH_ALEN):
-        raise ValueError(f"MAC address {text!r} is all zeroes")
-    return mac
-
-
-def default_mac(tap: str, vm_id: str | int = "") -> bytes:
-    """A stable MAC for a NIC: 52:54:00 (locally administered, unicast) and 3 bytes of
-    SHA-256 over the VM's identifier and the tap name.  The caller picks `vm_id` (the VM's
-    name, or its index among the VMs it starts); equal inputs give equal addresses."""
-    digest = hashlib.sha256(f"pyvmm-net\0{vm_id}\0{tap}".encode()).digest()
-    return b"\x52\x54\x00" + digest[:3]
-
-
-def parse_net_spec(text: str) -> NetSpec:
-    """Parse `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`; ValueError says what is wrong."""
-    values: dict[str, str] = {}
-    for option in text.split(","):
-        key, eq, value = option.partition("=")
-        key = key.strip().lower()
-        if not eq or not key:
-            raise ValueError(f"net {text!r}: {option!r} is not KEY=VALUE (expected {NET_SPEC_SYNTAX})")
-        if key not in ("tap", "mac", "queues", "rom"):
-            raise ValueError(f"net {text!r}: unknown option {key!r} (known: tap, mac, queues, rom)")
-        if key in values:
-            raise ValueError(f"net {text!r}: option {key!r} given twice")
-        values[key] = value.strip()
-    if not values.get("tap"):
-        raise ValueError(f"net {text!r}: no tap=NAME (expected {NET_SPEC_SYNTAX})")
-    try:
-        check_tap_name(values["tap"])
-    except TapError as err:
-        raise ValueError(f"net {text!r}: {err}") from None
-    mac = None
-    if "mac" in values:
-        try:
-            mac = parse_mac(values["mac"])
-        except ValueError as err:
-            raise ValueError(f"net {text!r}: {err}") from None
-    queues = None
-    if "queues" in values:
-        try:
-            queues = int(values["queues"], 10)
-        except ValueError:
-            queues = 0
-        if not 1 <= queues <= MAX_QUEUE_PAIRS:
-            raise ValueError(f"net {text!r}: queues={values['queues']!r} is not a number from 1 to {MAX_QUEUE_PAIRS}")
-    if "rom" in values and not values["rom"]:
-        raise ValueError(f"net {text!r}: rom= needs a PATH (or off)")
-    return NetSpec(tap=values["tap"], mac=mac, queues=queues, rom=values.get("rom"))
-
-
 # -- the device ------------------------------------------------------------------------------
 
 
@@ -428,21 +335,6 @@ class VirtioNet(VirtioDevice):
         self._past_stats = NetStats()
         self._guest_error = RateLimitedLog(log)
         self._tap_error = RateLimitedLog(log)
-
-    @classmethod
-    def from_spec(
-        cls, mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", queue_size: int = 256, mtu: int = 1500
-    ) -> "VirtioNet":
-        """Open the tap a NetSpec names and build its device (raises TapError, ValueError)."""
-        queues = spec.queues or 1
-        tap = Tap.open(spec.tap, queues=queues, vnet_hdr_size=NET_HDR_SIZE)
-        try:
-            return cls(
-                mem, tap, mac=spec.mac or default_mac(tap.name, vm_id), queue_pairs=queues, queue_size=queue_size, mtu=mtu
-            )
-        except BaseException:
-            tap.close()
-            raise
 
     def _reset_rx_mode(self) -> None:
         self.promisc = True  # what a device without VIRTIO_NET_F_CTRL_RX does

@@ -5,7 +5,7 @@
 * `boot_program`: a freestanding x86-64 ELF (our driver guest, test guests) in
   guest user mode (CPL 3, IOPL 3, interrupts off), which runs natively on every
   KVM, including the software KVM of hosts without VT-x/AMD-V.
-* `boot_firmware`: a BIOS image (vmm/firmware.py) from the reset vector, in
+* `boot_firmware`: a BIOS image (vmm/firmware/) from the reset vector, in
   real mode, with every vCPU in KVM's reset state.
 
 Each returns a `BootPlan`: what the boot vCPU's registers must be, and whether
@@ -95,10 +95,10 @@ def boot_program(mem, *, program: str, cpus: int, map_size: int) -> BootPlan:
 
 
 def boot_firmware(mem, image) -> BootPlan:
-    """Start a BIOS: its top copied to RAM ending at 0xFFFFF (the shadow, vmm/firmware.py; the
+    """Start a BIOS: its top copied to RAM ending at 0xFFFFF (the shadow, vmm/firmware/image.py; the
     machine maps the whole image below 4 GiB); no register is set, the boot vCPU starts at the reset vector
     (CS base 0xFFFF0000, IP 0xFFF0) and the others wait for INIT/SIPI."""
-    from vmm.firmware import copy_shadow
+    from vmm.firmware.image import copy_shadow
 
     copy_shadow(mem, image)
     return BootPlan(states=[], firmware=image)

@@ -5,28 +5,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import re
 import signal
 import sys
 
-from . import kit
+from . import config, kit
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
-
-
-def parse_size(text: str) -> int:
-    """'512M', '4G', '65536', '1.5G' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 4G)")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,28 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
         "On the serial console, Ctrl-A x quits."))
     run.add_argument("--kernel", help=f"bzImage or vmlinux ELF (default: {kit.kit_kernel()})")
     run.add_argument("--initrd", help=f"initial ramdisk (default with the kit kernel: {kit.kit_initrd()})")
-    run.add_argument("--cmdline", default="console=ttyS0", help="kernel command line (default: %(default)s)")
-    run.add_argument("--append", default="", help="added to the end of --cmdline")
-    run.add_argument("--mem", type=parse_size, default=512 << 20, help="guest RAM, e.g. 512M, 4G (default: 512M)")
-    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default: 1)")
-    run.add_argument("--console", default="stdio", help="stdio, file:PATH or none (default: stdio)")
-    run.add_argument("--entry", choices=("vmlinux", "bzimage"), default="vmlinux", help=(
+    run.add_argument("--cmdline", help=f"kernel command line (default: {config.vm.DEFAULT_CMDLINE})")
+    run.add_argument("--append", help="added to the end of --cmdline")
+    run.add_argument("--mem", help="guest RAM, e.g. 512M, 4G (default: 512M)")
+    run.add_argument("--cpus", type=int, help="number of vCPUs (default: 1)")
+    run.add_argument("--console", help=f"{config.vm.CONSOLE_SYNTAX} (default: stdio)")
+    run.add_argument("--entry", choices=config.vm.ENTRIES, help=(
         "vmlinux: decompress the bzImage on the host and enter the kernel's 64-bit entry directly (default, faster); "
         "bzimage: enter the bzImage's own 64-bit entry and let it decompress itself"))
-    run.add_argument("--cpuid-mask", default="auto", metavar="FEATURES", help=(
+    run.add_argument("--cpuid-mask", metavar="FEATURES", help=(
         "comma-separated CPU features hidden from the guest (e.g. cx16,xsave), 'none', or 'auto' (default): "
         "hide what the host's KVM cannot run when it emulates guest kernel mode"))
-    run.add_argument("--on-reboot", choices=("exit", "restart"), default="exit",
+    run.add_argument("--on-reboot", choices=config.vm.ON_REBOOT,
                      help="when the guest reboots: end pyvmm with status 0 (default) or start it again")
-    run.add_argument("--disk", action="append", default=[], metavar="SPEC", help=(
+    run.add_argument("--disk", action="append", metavar="SPEC", help=(
         "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
         "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
-    run.add_argument("--net", action="append", default=[], metavar="SPEC", help=(
+    run.add_argument("--net", action="append", metavar="SPEC", help=(
         "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off] (repeatable; the "
         "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
         "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
         "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))
-    run.add_argument("--name", default="pyvmm", help="the VM's name (default MAC addresses derive from it)")
+    run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         build_parser().print_help()
         return EXIT_USAGE
-    except UsageError as e:
+    except (UsageError, config.ConfigError) as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -124,136 +115,32 @@ def cmd_check() -> int:
     return EXIT_OK
 
 
-def _readable_file(path: str, what: str) -> str:
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path} is not readable")
-    return path
-
-
-def config_from_args(args, kvm):
-    from kernel.cpuid import parse_mask
-    from .machine import MachineConfig
-
-    if args.mem < (16 << 20):
-        raise UsageError(f"--mem {args.mem} bytes is too small: at least 16M")
-    if args.mem % 4096:
-        raise UsageError("--mem must be a multiple of 4 KiB")
-    max_cpus = kvm.max_vcpus()
-    if not 1 <= args.cpus <= max_cpus:
-        raise UsageError(f"--cpus {args.cpus}: this host's KVM allows 1 to {max_cpus}")
-    if not (args.console in ("stdio", "none") or args.console.startswith("file:") and len(args.console) > 5):
-        raise UsageError(f"--console {args.console!r}: use stdio, file:PATH or none")
-    if args.cpuid_mask == "auto":
-        mask = None
-    elif args.cpuid_mask == "none":
-        mask = ()
-    else:
-        try:
-            mask = parse_mask(args.cpuid_mask)
-        except ValueError as e:
-            raise UsageError(f"--cpuid-mask: {e}") from None
-
-    from virtio.blk import parse_disk_spec
-
-    disks = []
-    for text in args.disk:
-        try:
-            disks.append(parse_disk_spec(text))
-        except ValueError as e:
-            raise UsageError(f"--disk: {e}") from None
-        if not os.path.exists(disks[-1].path):
-            raise UsageError(f"--disk: {disks[-1].path} does not exist")
-
-    from virtio.net import parse_net_spec
-
-    nets = []
-    for text in args.net:
-        try:
-            nets.append(parse_net_spec(text))
-        except ValueError as e:
-            raise UsageError(f"--net: {e}") from None
-
-    cmdline = f"{args.cmdline} {args.append}".strip()
-    if args.firmware is not None:
-        return firmware_config(args, mem=args.mem, cpus=args.cpus, mask=mask, disks=disks, nets=nets)
-    for option in ("boot", "firmware_log"):
-        if getattr(args, option) is not None:
-            raise UsageError(f"--{option.replace('_', '-')} needs --firmware")
-    if args.program:
-        return MachineConfig(mem_size=args.mem, cpus=args.cpus, program=_readable_file(args.program, "program"),
-                             console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot, disks=disks,
-                             nets=nets, name=args.name)
-    kernel, initrd = args.kernel, args.initrd
-    if kernel is None:
-        kernel = str(kit.kit_kernel())
-        if not os.path.exists(kernel):
-            raise UsageError(f"no --kernel given and no guest kit at {kit.kit_dir()}: "
-                             "build it with 'python3 scripts/guestkit.py build'")
-        if initrd is None:
-            initrd = str(kit.kit_initrd())
-    _readable_file(kernel, "kernel")
-    if initrd is not None:
-        _readable_file(initrd, "initrd")
-    return MachineConfig(mem_size=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd, cmdline=cmdline,
-                         entry=args.entry, console=args.console, cpuid_mask=mask, on_reboot=args.on_reboot,
-                         disks=disks, nets=nets, name=args.name)
-
-
-def firmware_config(args, *, mem, cpus, mask, disks, nets):
-    """The MachineConfig of a firmware boot (--firmware [PATH])."""
-    from . import firmware as fw
-    from .machine import MachineConfig
-
-    for option in ("kernel", "initrd", "program"):
-        if getattr(args, option) is not None:
-            raise UsageError(f"--firmware boots from disk or network: it cannot be used with --{option}")
-    try:
-        image = fw.load_firmware(args.firmware or None)
-        order = fw.parse_boot_order(args.boot) if args.boot is not None else None
-        fw.boot_slots(order or fw.DEFAULT_BOOT_ORDER, list(range(len(disks))), list(range(len(nets))))
-        for net in nets:
-            if net.rom not in (None, "off"):
-                fw.load_rom(net.rom, "--net rom")
-    except (fw.FirmwareError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    if args.firmware_log is not None:
-        parent = os.path.dirname(os.path.abspath(args.firmware_log))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--firmware-log: directory {parent} does not exist")
-    return MachineConfig(mem_size=mem, cpus=cpus, firmware=image.path, boot_order=order,
-                         firmware_log=args.firmware_log, console=args.console, cpuid_mask=mask,
-                         on_reboot=args.on_reboot, disks=disks, nets=nets, name=args.name)
-
-
 def cmd_run(args) -> int:
     from kernel.errors import KernelImageError
     from virtio.backends.raw import ImageError
     from virtio.backends.tap import TapError
-    from .firmware import FirmwareError
+    from .firmware.image import FirmwareError
     from .console import stdin_fd
     from .hostcheck import EMULATED_WARNING, kernel_mode_native
     from .machine import Machine
 
+    cfg = config.from_args(args)
     kvm = open_kvm()
-    config = config_from_args(args, kvm)
-    if not config.program:
-        config.kernel_mode_native = kernel_mode_native(kvm)
+    config.check_cpus(cfg, kvm.max_vcpus())
+    if not cfg.program:
+        cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
     first = True
-    console_in = stdin_fd() if config.console == "stdio" else None
+    console_in = stdin_fd() if cfg.console == "stdio" else None
     stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     while not stopped:
         try:
-            machine = Machine(config, kvm=kvm, console_in=console_in)
+            machine = Machine(cfg, kvm=kvm, console_in=console_in)
         except (KernelImageError, ImageError, TapError, FirmwareError) as e:
             raise UsageError(str(e)) from None
         if first:
-            if config.kernel_mode_native is False:
+            if cfg.kernel_mode_native is False:
                 print(f"pyvmm: note: this host's KVM emulates guest kernel mode: {EMULATED_WARNING}", file=sys.stderr)
             for note in machine.notes:
                 print(f"pyvmm: note: {note}", file=sys.stderr)
@@ -265,7 +152,7 @@ def cmd_run(args) -> int:
             machine.close()
         if message and (status != 0 or args.verbose):
             print(f"\npyvmm: {message}", file=sys.stderr)
-        if reset and config.on_reboot == "restart":
+        if reset and cfg.on_reboot == "restart":
             continue
         return status
     return EXIT_OK

@@ -14,9 +14,11 @@ import struct
 import time
 from dataclasses import dataclass
 
+from kernel.layout import VMX_TSS_ADDR
 from kernel.x86 import long_mode_state, write_gdt, write_identity_page_tables
 from .kvm import Kvm, exits
 from .kvm import constants as c
+from .long_mode import set_long_mode
 from .memory import GuestMemory
 
 PROBE_ITERATIONS = 50_000
@@ -50,14 +52,12 @@ def _time_loop(kvm: Kvm, user: bool, iterations: int) -> float:
     mem = GuestMemory(4 << 20)
     vcpu = None
     try:
-        vm.set_tss_addr(0xFFFBD000)
+        vm.set_tss_addr(VMX_TSS_ADDR)
         vm.set_user_memory_region(0, 0, mem.size, mem.host_address(mem.regions[0]))
         gdt = write_gdt(mem, _GDT)
         cr3 = write_identity_page_tables(mem, _PML4, 1 << 30, user=user)
         mem.write(_CODE, probe_code(iterations))
         vcpu = vm.create_vcpu(0)
-        from .machine import set_long_mode
-
         set_long_mode(vcpu, long_mode_state(cr3=cr3, gdt=gdt, rip=_CODE, rsp=_CODE, user=user))
         start = time.perf_counter()
         for _ in range(100):

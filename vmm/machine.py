@@ -1,79 +1,56 @@
-"""One VM, assembled from a MachineConfig: memory, vCPUs, buses, devices; its lifecycle.
+"""One VM, assembled from a VmConfig (vmm/config): memory, vCPUs, buses, devices; its lifecycle.
 
-    cfg = MachineConfig(kernel="vmlinuz", initrd="initrd", cmdline="console=ttyS0", cpus=2)
+    cfg = VmConfig(kernel="vmlinuz", initrd="initrd", cmdline="console=ttyS0", cpus=2)
     status = Machine(cfg).run()      # blocks until the guest powers off or the VM is stopped
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import select
 import signal
-from dataclasses import dataclass, field
 
 from kernel import cpuid as cpuid_mod
+from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
-from virtio.blk import VirtioBlk
-from virtio.net import VirtioNet
 from virtio.pci import VirtioPciDevice
-from . import firmware as fw_mod
 from .boot import BootPlan, acpi_config, boot_firmware, boot_linux, boot_program
 from .bus import Bus
+from .config import DEFAULT_BOOT_ORDER, ConfigError, VmConfig, boot_slots
 from .console import OutputSink, TerminalInput
 from .devices.cmos import BASE_PORT as CMOS_BASE, PORT_RANGE_SIZE as CMOS_SIZE, CmosRtc
 from .devices.acpi_pm import RESET_PORT, SLEEP_CONTROL_PORT, AcpiSleepDevice
 from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZE, I8042
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
+from .firmware.debugcon import DEBUGCON_PORT, DebugConsole, debug_sink
+from .firmware.fw_cfg import bootorder_paths, firmware_e820, setup_fw_cfg
+from .firmware.image import (DEFAULT_NET_ROM, FIRMWARE_PCI_LAYOUT, FirmwareError, FirmwareMapping, load_firmware,
+                             load_rom)
+from .firmware.iret import ProtectedModeIret
 from .kvm import Kvm
 from .kvm import structs as s
 from .irq import IrqRouter
 from .lifecycle import Lifecycle
+from .long_mode import set_long_mode
 from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
+from .virtio_devices import build_disk, build_net
 
 log = logging.getLogger(__name__)
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
-# Intel VT-x needs three pages for a real-mode TSS and one for the EPT identity map; they sit
-# in the MMIO hole just under the BIOS area, as in other VMMs.
-TSS_ADDR = 0xFFFBD000
-IDENTITY_MAP_ADDR = 0xFFFBC000
-
-
-
-@dataclass
-class MachineConfig:
-    mem_size: int = 512 << 20
-    cpus: int = 1
-    kernel: str | None = None          # bzImage or vmlinux ELF (Linux boot)
-    initrd: str | None = None
-    cmdline: str = "console=ttyS0"
-    entry: str = "vmlinux"             # "vmlinux": decompress on the host; "bzimage": the kernel's own
-    program: str | None = None         # a freestanding ELF run in guest user mode instead of Linux
-    console: str = "stdio"             # "stdio", "file:PATH", "none"
-    cpuid_mask: tuple[str, ...] | None = None  # None: automatic (what the host's KVM cannot run)
-    on_reboot: str = "exit"            # "exit" or "restart"
-    kernel_mode_native: bool | None = None  # None: measure
-    disks: list = field(default_factory=list)  # virtio.blk.DiskSpec, one virtio-blk-pci device each
-    nets: list = field(default_factory=list)  # virtio.net.NetSpec, one virtio-net-pci device each
-    name: str = "pyvmm"  # the VM's name: default MAC addresses derive from it
-    firmware: str | None = None  # a BIOS image to boot instead of a kernel (vmm/firmware.py)
-    boot_order: tuple | None = None  # firmware boot order (vmm.firmware.BootItem); None: disks, then NICs
-    firmware_log: str | None = None  # where the firmware's debug port (0x402) output goes
-
 
 class Machine:
-    def __init__(self, config: MachineConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
+    def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
         self.config = config
         self.lifecycle = Lifecycle()
         self.kvm = kvm or Kvm()
-        self.firmware = fw_mod.load_firmware(config.firmware) if config.firmware is not None else None
+        self.firmware = load_firmware(config.firmware or None) if config.firmware is not None else None
         self._firmware_mapping = None
         self._debugcon = self._debugcon_close = None
         self.vm = self.kvm.create_vm()
@@ -81,7 +58,7 @@ class Machine:
             self.vm.set_tss_addr(self.firmware.tss_addr)
             self.vm.set_identity_map_addr(self.firmware.identity_map_addr)
         else:
-            self.vm.set_tss_addr(TSS_ADDR)
+            self.vm.set_tss_addr(VMX_TSS_ADDR)
             self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(s.KVM_PIT_SPEAKER_DUMMY)
@@ -92,7 +69,7 @@ class Machine:
         if self.firmware is not None:
             from .kvm import constants as kc
 
-            self._firmware_mapping = fw_mod.FirmwareMapping(self.firmware)
+            self._firmware_mapping = FirmwareMapping(self.firmware)
             self._firmware_mapping.map(self.vm, len(self.mem.regions),
                                        readonly=bool(self.kvm.check_extension(kc.KVM_CAP_READONLY_MEM)))
 
@@ -114,7 +91,7 @@ class Machine:
 
         self.irq = IrqRouter(self.vm)
         self.pci = PciHost(pio=self.pio, mmio=self.mmio,
-                           layout=fw_mod.FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT,
+                           layout=FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT,
                            on_reset=self.lifecycle.reset)
         self.disks, self.nets = [], []
         self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
@@ -133,7 +110,7 @@ class Machine:
         self.plan = self._boot(extra_cmdline=f" clearcpuid={','.join(clear)}" if clear else "")
         self._configure_vcpus()
         # Firmware may need an instruction that an emulating KVM lacks completed for it.
-        fixup = fw_mod.ProtectedModeIret(self.mem) if self.firmware is not None else None
+        fixup = ProtectedModeIret(self.mem) if self.firmware is not None else None
         self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle,
                                    on_exit=fixup)
                         for v in self.vcpus]
@@ -145,14 +122,17 @@ class Machine:
         if console == "stdio":
             return OutputSink(1)
         if console.startswith("file:"):
-            return OutputSink.to_file(console[5:])
+            try:
+                return OutputSink.to_file(console[5:])
+            except OSError as e:
+                raise ConfigError(f"--console {console}: {e.strerror}") from None
         if console == "none":
             return lambda data: None
         raise ValueError(f"unknown console {console!r}")
 
     def _add_disk(self, spec):
         """A virtio-blk-pci device for one --disk; queues default to one per vCPU."""
-        dev = VirtioBlk.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus))
+        dev = build_disk(self.mem, spec, default_queues=self.config.cpus)
         try:
             # With firmware, devices start as after a reset: decode off, the BIOS places and enables them.
             self.disk_slots.append(self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm),
@@ -166,8 +146,7 @@ class Machine:
         """A virtio-net-pci device on a tap for one --net; queue pairs default to one per vCPU.
         It carries an expansion ROM: rom=PATH, or with firmware boot iPXE's (when installed)."""
         rom = self._net_rom(spec)
-        dev = VirtioNet.from_spec(self.mem, dataclasses.replace(spec, queues=spec.queues or self.config.cpus),
-                                  vm_id=self.config.name)
+        dev = build_net(self.mem, spec, vm_id=self.config.name, default_queues=self.config.cpus)
         try:
             pci_dev = VirtioPciDevice(dev, irq=self.irq, vm=self.vm)
             if rom is not None:
@@ -184,9 +163,9 @@ class Machine:
         if rom == "off":
             return None
         if rom is not None:
-            return fw_mod.load_rom(rom, "--net rom")
-        if self.firmware is not None and os.path.isfile(fw_mod.DEFAULT_NET_ROM):
-            return fw_mod.load_rom(fw_mod.DEFAULT_NET_ROM, "--net rom")
+            return load_rom(rom, "--net rom")
+        if self.firmware is not None and os.path.isfile(DEFAULT_NET_ROM):
+            return load_rom(DEFAULT_NET_ROM, "--net rom")
         return None
 
     def _add_firmware_devices(self) -> None:
@@ -200,27 +179,27 @@ class Machine:
         self.pio.register(acpi_pm1.EVENT_PORT, acpi_pm1.EVENT_SIZE, pm1.event)
         self.fw_cfg = FwCfg(self.mem)
         self.pio.register(FW_CFG_BASE, FW_CFG_SIZE, self.fw_cfg)
-        sink = fw_mod.debug_sink(self.config.firmware_log)
+        sink = debug_sink(self.config.firmware_log)
         if sink is not None:
             write, self._debugcon_close = sink
-            self._debugcon = fw_mod.DebugConsole(write)
-            self.pio.register(fw_mod.DEBUGCON_PORT, 1, self._debugcon)
+            self._debugcon = DebugConsole(write)
+            self.pio.register(DEBUGCON_PORT, 1, self._debugcon)
 
     def _boot_firmware(self) -> BootPlan:
         c = self.config
         layout = self.pci.layout
-        e820 = fw_mod.firmware_e820(self.mem.regions, layout.e820_reserved() + self.firmware.e820_reserved())
-        order = c.boot_order if c.boot_order is not None else fw_mod.DEFAULT_BOOT_ORDER
+        e820 = firmware_e820(self.mem.regions, layout.e820_reserved() + self.firmware.e820_reserved())
+        order = c.boot_order if c.boot_order is not None else DEFAULT_BOOT_ORDER
         try:
-            entries = fw_mod.boot_slots(order, self.disk_slots, self.net_slots)
-        except ValueError as e:
-            raise fw_mod.FirmwareError(str(e)) from None
+            entries = boot_slots(order, self.disk_slots, self.net_slots)
+        except ConfigError as e:
+            raise FirmwareError(str(e)) from None
         from kernel import acpi
 
         tables = acpi.build_tables(acpi_config(c.cpus, layout.acpi_config(), pc_platform=True))
-        fw_mod.setup_fw_cfg(self.fw_cfg, mem=self.mem, cpus=c.cpus, e820=e820, acpi_tables=tables,
-                            bootorder=fw_mod.bootorder_paths(entries) if entries else None,
-                            serial_port=COM1_PORT, mmio64_start=layout.mmio64_window[0])
+        setup_fw_cfg(self.fw_cfg, mem=self.mem, cpus=c.cpus, e820=e820, acpi_tables=tables,
+                     bootorder=bootorder_paths(entries) if entries else None,
+                     serial_port=COM1_PORT, mmio64_start=layout.mmio64_window[0])
         return boot_firmware(self.mem, self.firmware)
 
     def _boot(self, extra_cmdline: str = "") -> BootPlan:
@@ -354,27 +333,3 @@ class Machine:
         self.lifecycle.close()
         if isinstance(self._console_sink, OutputSink):
             self._console_sink.close()
-
-
-def set_long_mode(vcpu, st) -> None:
-    """Copy a kernel.x86.LongModeState into the vCPU's registers."""
-    sregs = vcpu.get_sregs()
-    for name in ("cs",):
-        _load_segment(getattr(sregs, name), st.cs)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        _load_segment(getattr(sregs, name), st.ds)
-    sregs.gdt.base, sregs.gdt.limit = st.gdt
-    sregs.idt.base, sregs.idt.limit = 0, 0
-    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
-    vcpu.set_sregs(sregs)
-
-    vcpu.set_regs(s.kvm_regs(rip=st.rip, rsp=st.rsp, rsi=st.rsi, rdi=st.rdi, rflags=st.rflags))
-
-    fpu = s.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
-    vcpu.set_fpu(fpu)
-
-
-def _load_segment(seg, src) -> None:
-    for f in ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l", "g", "avl"):
-        setattr(seg, f, getattr(src, f))
-    seg.unusable = 0

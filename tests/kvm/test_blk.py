@@ -12,8 +12,9 @@ import textwrap
 import pytest
 
 from tests.support import driver as D
-from virtio.blk import DiskSpec
-from vmm.machine import Machine, MachineConfig
+from vmm.config import DiskSpec
+from vmm.config import VmConfig
+from vmm.machine import Machine
 
 pytestmark = pytest.mark.kvm
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +43,8 @@ def image(path, size, fill=None):
 
 
 def new_machine(driver, tmp_path, disks, mem=256 * MiB, cpus=1):
-    return Machine(MachineConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", mem_size=mem,
-                                 cpus=cpus, disks=disks))
+    return Machine(VmConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", mem_size=mem,
+                            cpus=cpus, disks=disks))
 
 
 def run(machine, cmds, **kw):
@@ -248,10 +249,10 @@ def test_flushed_data_survives_sigkill(driver, tmp_path, cache):
         import sys
         sys.path.insert(0, {ROOT!r})
         from tests.support import driver as D
-        from virtio.blk import DiskSpec
-        from vmm.machine import Machine, MachineConfig
-        m = Machine(MachineConfig(program={driver!r}, console="none", mem_size=128 << 20,
-                                  disks=[DiskSpec({path!r}, cache={cache!r})]))
+        from vmm.config import DiskSpec, VmConfig
+        from vmm.machine import Machine
+        m = Machine(VmConfig(program={driver!r}, console="none", mem_size=128 << 20,
+                             disks=[DiskSpec({path!r}, cache={cache!r})]))
         m.mem.write(D.DATA_START, open({str(tmp_path / 'pattern')!r}, "rb").read())
         class Say:
             def read(self, o, s): return 0

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from tests.support import driver as D
-from vmm.machine import Machine, MachineConfig
+from vmm.config import VmConfig
+from vmm.machine import Machine
 
 pytestmark = pytest.mark.kvm
 
@@ -31,7 +32,7 @@ class Port:
 
 
 def machine(driver, tmp_path, **kw):
-    return Machine(MachineConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", **kw))
+    return Machine(VmConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", **kw))
 
 
 def test_blk_init_without_devices_ends_with_no_such_device(driver, tmp_path):

@@ -25,6 +25,7 @@ import pytest
 from kernel import acpi
 from tests.support.consolerun import report, run_pyvmm
 from vmm import firmware as fw
+from vmm.config import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from vmm.memory import GiB, MiB, layout as ram_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,27 +88,27 @@ def make_disk(path, sector0: bytes, seed: int) -> int:
 # -- running pyvmm -----------------------------------------------------------------------------
 
 
-# -- pure pieces of vmm/firmware.py -------------------------------------------------------------
+# -- pure pieces of vmm/firmware and vmm/config ------------------------------------------------
 
 
 def test_parse_boot_order():
-    B = fw.BootItem
-    assert fw.parse_boot_order("disk") == (B("disk"),)
-    assert fw.parse_boot_order("net, disk1,disk0") == (B("net"), B("disk", 1), B("disk", 0))
+    B = BootItem
+    assert parse_boot_order("disk") == (B("disk"),)
+    assert parse_boot_order("net, disk1,disk0") == (B("net"), B("disk", 1), B("disk", 0))
     for bad in ("", "cdrom", "disk-1", "disk,", "usb0"):
         with pytest.raises(ValueError):
-            fw.parse_boot_order(bad)
+            parse_boot_order(bad)
 
 
 def test_boot_slots_and_bootorder_paths():
-    order = fw.parse_boot_order("disk1,net,disk")
-    entries = fw.boot_slots(order, [1, 2], [3])
+    order = parse_boot_order("disk1,net,disk")
+    entries = boot_slots(order, [1, 2], [3])
     assert entries == [("disk", 2), ("net", 3), ("disk", 1)]
     assert fw.bootorder_paths(entries) == ["/pci@i0cf8/scsi@2/disk@0,0", "/pci@i0cf8/ethernet@3/ethernet-phy@0",
                                            "/pci@i0cf8/scsi@1/disk@0,0"]
-    assert fw.boot_slots(fw.DEFAULT_BOOT_ORDER, [], []) == []
+    assert boot_slots(DEFAULT_BOOT_ORDER, [], []) == []
     with pytest.raises(ValueError, match="disk2"):
-        fw.boot_slots(fw.parse_boot_order("disk2"), [1, 2], [])
+        boot_slots(parse_boot_order("disk2"), [1, 2], [])
 
 
 def test_load_firmware_errors(tmp_path):
@@ -325,15 +326,15 @@ def test_acpi_tables_through_the_table_loader_are_pyvmms(boot_sector, tmp_path):
     """After SeaBIOS has run etc/table-loader, guest memory holds exactly the tables pyvmm builds
     for a firmware boot (the PC form: a full FADT with PM1 blocks and a FACS), linked at the
     addresses SeaBIOS chose."""
-    from virtio.blk import parse_disk_spec
     from vmm.boot import acpi_config
-    from vmm.machine import Machine, MachineConfig
+    from vmm.config import VmConfig, parse_disk_spec
+    from vmm.machine import Machine
 
     disk = tmp_path / "a.img"
     make_disk(disk, boot_sector("A"), seed=1)
     cpus = 2
-    cfg = MachineConfig(mem_size=512 * MiB, cpus=cpus, firmware=fw.DEFAULT_FIRMWARE,
-                        disks=[parse_disk_spec(str(disk))], console=f"file:{tmp_path / 'console.txt'}",
+    cfg = VmConfig(mem_size=512 * MiB, cpus=cpus, firmware=fw.DEFAULT_FIRMWARE,
+                   disks=[parse_disk_spec(str(disk))], console=f"file:{tmp_path / 'console.txt'}",
                         kernel_mode_native=False)
     m = Machine(cfg)
     try:

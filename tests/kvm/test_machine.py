@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from vmm.machine import Machine, MachineConfig
+from vmm.config import VmConfig
+from vmm.machine import Machine
 from vmm.memory import GiB, MiB
 
 pytestmark = pytest.mark.kvm
@@ -52,7 +53,7 @@ def run_machine(machine, timeout=30):
 
 def test_uart_output_reaches_the_console(tiny, tmp_path):
     log = tmp_path / "console.log"
-    m = Machine(MachineConfig(program=tiny("hello"), console=f"file:{log}"))
+    m = Machine(VmConfig(program=tiny("hello"), console=f"file:{log}"))
     assert run_machine(m) == 0
     assert m.lifecycle.message == "guest powered off"
     assert log.read_text() == "hello from a guest in user mode\n"
@@ -60,7 +61,7 @@ def test_uart_output_reaches_the_console(tiny, tmp_path):
 
 @pytest.mark.parametrize("mem_size", [64 * MiB, 3 * GiB + 64 * MiB])
 def test_memory_slots_below_and_above_the_hole(tiny, mem_size):
-    m = Machine(MachineConfig(program=tiny("memslots"), mem_size=mem_size, console="none"))
+    m = Machine(VmConfig(program=tiny("memslots"), mem_size=mem_size, console="none"))
     regions = m.mem.regions
     addresses = [0x200000, regions[0].end - 8]
     if len(regions) > 1:
@@ -88,7 +89,7 @@ def test_memory_slots_below_and_above_the_hole(tiny, mem_size):
 
 
 def test_port_and_mmio_exits_both_ways(tiny):
-    m = Machine(MachineConfig(program=tiny("pio_mmio"), console="none"))
+    m = Machine(VmConfig(program=tiny("pio_mmio"), console="none"))
     port = Recorder({(0, 1): 0x41, (0, 2): 0x4142, (0, 4): 0x41424344})
     mmio = Recorder({(0, 1): 0x10, (0, 2): 0x1020, (0, 4): 0x10203040, (0, 8): 0x1020304050607080})
     m.pio.register(0x510, 1, port)
@@ -102,7 +103,7 @@ def test_port_and_mmio_exits_both_ways(tiny):
 
 @pytest.mark.parametrize("cpus", [2, 4])
 def test_several_vcpus_run_at_once(tiny, cpus):
-    m = Machine(MachineConfig(program=tiny("smp"), cpus=cpus, console="none"))
+    m = Machine(VmConfig(program=tiny("smp"), cpus=cpus, console="none"))
     done = set()
 
     def on_write(offset, size, value):
@@ -125,7 +126,7 @@ def test_several_vcpus_run_at_once(tiny, cpus):
 
 
 def test_guest_reset_ends_the_vm(tiny):
-    m = Machine(MachineConfig(program=tiny("reset"), console="none"))
+    m = Machine(VmConfig(program=tiny("reset"), console="none"))
     assert run_machine(m) == 0
     assert m.lifecycle.reset_requested and m.lifecycle.message == "guest reset"
 

@@ -25,7 +25,8 @@ import time
 import pytest
 
 from tests.support import driver as D
-from vmm.machine import Machine, MachineConfig
+from vmm.config import VmConfig
+from vmm.machine import Machine
 
 pytestmark = pytest.mark.kvm
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,8 +41,8 @@ def driver(tmp_path_factory):
 
 
 def machine(driver, tmp_path, **kw):
-    return Machine(MachineConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", mem_size=256 * MiB,
-                                 **kw))
+    return Machine(VmConfig(program=driver, console=f"file:{tmp_path / 'console.log'}", mem_size=256 * MiB,
+                            **kw))
 
 
 def test_net_init_without_a_device_ends_with_no_such_device(driver, tmp_path):
@@ -74,7 +75,7 @@ def test_the_other_net_ops_without_a_device(driver, tmp_path):
 
 
 def test_blk_ops_still_work_beside_the_net_ops(driver, tmp_path):
-    from virtio.blk import DiskSpec
+    from vmm.config import DiskSpec
 
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4 * MiB))
@@ -160,21 +161,22 @@ class Peer:
 
     def __init__(self, p):
 
-        from virtio.net import NetSpec, VirtioNet
         from virtio.pci import VirtioPciDevice
+        from vmm.config import NetSpec
+        from vmm.virtio_devices import build_net
 
         self.p = p
         sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
         sh("ip", "link", "set", "lo", "up")
         for key in ("all", "default"):
             sh("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
-        from virtio.blk import DiskSpec
+        from vmm.config import DiskSpec
 
         disks = [DiskSpec(p["disk"])] if p.get("disk") else []
-        self.m = Machine(MachineConfig(program=p["driver"], console=f"file:{p['console']}", mem_size=512 * MiB,
-                                       cpus=2, disks=disks))
-        self.net = VirtioNet.from_spec(self.m.mem, NetSpec(tap="tap0", mac=GUEST_MAC, queues=p.get("pairs", 1)),
-                                       queue_size=p.get("queue_size", 256))
+        self.m = Machine(VmConfig(program=p["driver"], console=f"file:{p['console']}", mem_size=512 * MiB,
+                                  cpus=2, disks=disks))
+        self.net = build_net(self.m.mem, NetSpec(tap="tap0", mac=GUEST_MAC, queues=p.get("pairs", 1)),
+                             queue_size=p.get("queue_size", 256))
         self.net.batches = p.get("batches", True)  # False: the one-chain path only
         self.m.pci.add_device(VirtioPciDevice(self.net, irq=self.m.irq, vm=self.m.vm))
         if p.get("txqueuelen"):

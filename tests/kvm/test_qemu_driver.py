@@ -11,7 +11,8 @@ import pytest
 
 from scripts import qemu_driver as Q
 from tests.support import driver as D
-from vmm.machine import Machine, MachineConfig
+from vmm.config import VmConfig
+from vmm.machine import Machine
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -65,7 +66,7 @@ def test_pvh_elf_declares_its_32_bit_entry_in_a_xen_note(pvh_driver):
 
 def test_pyvmm_still_starts_the_same_elf_at_start(pvh_driver, tmp_path):
     log = tmp_path / "console.log"
-    m = Machine(MachineConfig(program=str(pvh_driver), console=f"file:{log}"))
+    m = Machine(VmConfig(program=str(pvh_driver), console=f"file:{log}"))
     try:
         job = D.run_driver(m, [D.blk_init()], timeout=30)
     finally:
@@ -183,7 +184,7 @@ def test_pvh_stub_maps_64_gib_with_either_page_size(pvh_driver, tmp_path, cpu, p
 
 
 def test_host_tsc_khz_is_what_kvm_gives_its_vcpus(pvh_driver, tmp_path):
-    m = Machine(MachineConfig(program=str(pvh_driver), console=f"file:{tmp_path / 'console.log'}"))
+    m = Machine(VmConfig(program=str(pvh_driver), console=f"file:{tmp_path / 'console.log'}"))
     try:
         assert Q.host_tsc_khz() == D.guest_tsc_khz(m) > 0
     finally:

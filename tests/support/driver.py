@@ -7,7 +7,7 @@ powers off. tests/guest/driver/job.h is the reference for the layout; this modul
 (tests/unit/test_driver_protocol.py checks that both agree).
 
     from tests.support.driver import build_driver, run_driver, blk_init, blk_read, report
-    m = Machine(MachineConfig(program=str(build_driver(tmp)), console=f"file:{log}"))
+    m = Machine(VmConfig(program=str(build_driver(tmp)), console=f"file:{log}"))
     m.mem.write(0x4000000, pattern)
     run = run_driver(m, [blk_init(), blk_write(0, len(pattern), 0x4000000), report(7)])
     run.check()                          # AssertionError with the console and results otherwise

@@ -39,9 +39,7 @@ from virtio.blk import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-    DiskSpec,
     VirtioBlk,
-    parse_disk_spec,
 )
 from virtio.device import (
     CONFIG,
@@ -54,7 +52,9 @@ from virtio.device import (
     VIRTIO_ID_BLOCK,
 )
 from virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from vmm.config import DiskSpec, parse_disk_spec
 from vmm.memory import MiB, GuestMemory
+from vmm.virtio_devices import build_disk
 
 IMAGE_SECTORS = 2048  # a 1 MiB image
 QUEUE_SIZE = 64
@@ -939,7 +939,7 @@ def test_parse_disk_spec_errors(text, message):
 
 
 def test_from_spec(mem, image_path):
-    dev = VirtioBlk.from_spec(mem, parse_disk_spec(f"{image_path},readonly=on,serial=S1,queues=2"))
+    dev = build_disk(mem, parse_disk_spec(f"{image_path},readonly=on,serial=S1,queues=2"))
     try:
         assert feature(dev, VIRTIO_BLK_F_RO) and feature(dev, VIRTIO_BLK_F_MQ)
         assert dev.serial == b"S1" and dev.capacity == IMAGE_SECTORS

@@ -71,12 +71,7 @@ from virtio.net import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_LINK_UP,
-    NetSpec,
     VirtioNet,
-    default_mac,
-    format_mac,
-    parse_mac,
-    parse_net_spec,
     tun_offload_flags,
 )
 from virtio.net_rx import RX_PUBLISH_CHAINS, RX_SHORT_RUN
@@ -88,7 +83,9 @@ from virtio.net_hdr import (
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
 from virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_USED_F_NO_NOTIFY
+from vmm.config import NetSpec, default_mac, format_mac, parse_mac, parse_net_spec
 from vmm.memory import MiB, GuestMemory
+from vmm.virtio_devices import build_net
 
 QUEUE_SIZE = 64
 UNTOUCHED = 0xEE
@@ -1408,7 +1405,7 @@ def real_dev(netns, mem):
     def make(*, queue_pairs=1, spec=None):
         spec = spec or NetSpec("pvt0", MAC, queue_pairs)
         with netns.entered():
-            dev = VirtioNet.from_spec(mem, spec, vm_id="test")
+            dev = build_net(mem, spec, vm_id="test")
         made.append(dev)
         netns.link_up(dev.tap.name)
         return dev

@@ -1,0 +1,92 @@
+"""--net: one virtio-net NIC on a host tap, `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`.
+
+Without mac=, `default_mac(tap, vm_id)` derives a stable, locally administered
+52:54:00:xx:xx:xx address from the tap name and an identifier of the VM chosen
+by the caller (its name, say): the same VM on the same tap gets the same
+address on every start, two VMs (or two taps) almost surely differ."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from virtio.backends.tap import TapError, check_tap_name
+from virtio.net import ETH_ALEN, MAX_QUEUE_PAIRS
+from .options import ConfigError, parse_count, split_options
+
+NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
+NET_KEYS = ("tap", "mac", "queues", "rom")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One NIC as the configuration describes it."""
+
+    tap: str
+    mac: bytes | None = None  # None: default_mac(tap, vm_id)
+    queues: int | None = None  # queue pairs; None: the machine's choice (one per vCPU)
+    rom: str | None = None  # expansion ROM image; None: the machine's default, "off": none
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """`52:54:00:12:34:56` (or with '-') as 6 bytes; ConfigError unless a unicast, non-zero address."""
+    parts = text.strip().replace("-", ":").split(":")
+    try:
+        if len(parts) != ETH_ALEN or not all(1 <= len(p) <= 2 for p in parts):
+            raise ValueError
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"MAC address {text!r} is not six hex bytes like 52:54:00:12:34:56") from None
+    if mac[0] & 1:
+        raise ConfigError(f"MAC address {text!r} is a multicast address (the first byte is odd)")
+    if mac == bytes(ETH_ALEN):
+        raise ConfigError(f"MAC address {text!r} is all zeroes")
+    return mac
+
+
+def default_mac(tap: str, vm_id: str | int = "") -> bytes:
+    """A stable MAC for a NIC: 52:54:00 (locally administered, unicast) and 3 bytes of
+    SHA-256 over the VM's identifier and the tap name.  The caller picks `vm_id` (the VM's
+    name, or its index among the VMs it starts); equal inputs give equal addresses."""
+    digest = hashlib.sha256(f"pyvmm-net\0{vm_id}\0{tap}".encode()).digest()
+    return b"\x52\x54\x00" + digest[:3]
+
+
+def parse_net_spec(text: str) -> NetSpec:
+    """Parse `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`; ConfigError says what is wrong."""
+    _, values = split_options(text, what="net", syntax=NET_SPEC_SYNTAX, known=NET_KEYS)
+    if not values.get("tap", "").strip():
+        raise ConfigError(f"net {text!r}: no tap=NAME (expected {NET_SPEC_SYNTAX})")
+    return net_from_values({k: v.strip() for k, v in values.items()}, where=f"net {text!r}")
+
+
+def net_from_dict(d: dict) -> NetSpec:
+    """{"tap": ..., "mac": ..., "queues": ..., "rom": ...} (a config file's form)."""
+    where = f"net {d!r}"
+    unknown = set(d) - set(NET_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]!r} (known: {', '.join(NET_KEYS)})")
+    if not d.get("tap"):
+        raise ConfigError(f"{where}: no tap=NAME")
+    return net_from_values(d, where=where)
+
+
+def net_from_values(values: dict, *, where: str) -> NetSpec:
+    try:
+        check_tap_name(values["tap"])
+    except TapError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    mac = None
+    if "mac" in values:
+        try:
+            mac = parse_mac(values["mac"])
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    queues = parse_count(values["queues"], where, "queues", MAX_QUEUE_PAIRS) if "queues" in values else None
+    if "rom" in values and not values["rom"]:
+        raise ConfigError(f"{where}: rom= needs a PATH (or off)")
+    return NetSpec(tap=values["tap"], mac=mac, queues=queues, rom=values.get("rom"))

@@ -1,0 +1,145 @@
+"""VmConfig: the whole VM as plain data, and `from_dict`, which checks a dict of options into one.
+
+The dict's keys are the long options of `pyvmm run` with '_' for '-' (mem, cpus, disk, net, ...);
+values are what the command line takes (text) or already typed (ints, bools, lists, and for a
+disk or NIC a dict of its keys).  Files are not looked at here: vmm/config/host.py does that."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
+from .disk import DiskSpec, disk_from_dict, parse_disk_spec
+from .net import NetSpec, net_from_dict, parse_net_spec
+from .options import MiB, ConfigError, parse_size
+
+PAGE_SIZE = 4096
+MIN_MEM = 16 * MiB
+DEFAULT_MEM = 512 * MiB
+DEFAULT_CMDLINE = "console=ttyS0"
+CONSOLE_SYNTAX = "stdio, file:PATH or none"
+ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: the kernel's own entry
+ON_REBOOT = ("exit", "restart")
+OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
+           "disk", "net", "name", "program", "firmware", "boot", "firmware_log")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    mem_size: int = DEFAULT_MEM
+    cpus: int = 1
+    kernel: str | None = None          # bzImage or vmlinux ELF (Linux boot)
+    initrd: str | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    entry: str = "vmlinux"             # one of ENTRIES
+    program: str | None = None         # a freestanding ELF run in guest user mode instead of Linux
+    console: str = "stdio"             # "stdio", "file:PATH", "none"
+    cpuid_mask: tuple[str, ...] | None = None  # None: automatic (what the host's KVM cannot run)
+    on_reboot: str = "exit"            # one of ON_REBOOT
+    kernel_mode_native: bool | None = None  # None: measure
+    disks: tuple[DiskSpec, ...] = ()   # one virtio-blk-pci device each
+    nets: tuple[NetSpec, ...] = ()     # one virtio-net-pci device each
+    name: str = "pyvmm"                # the VM's name: default MAC addresses derive from it
+    firmware: str | None = None        # a BIOS image to boot instead of a kernel ("": the default one)
+    boot_order: tuple[BootItem, ...] | None = None  # firmware boot order; None: disks, then NICs
+    firmware_log: str | None = None    # where the firmware's debug port (0x402) output goes
+
+    def __post_init__(self):
+        object.__setattr__(self, "disks", tuple(self.disks))
+        object.__setattr__(self, "nets", tuple(self.nets))
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "VmConfig":
+        return from_dict(options)
+
+
+def from_dict(d: dict) -> VmConfig:
+    """The VmConfig a dict of options describes (an option set to None counts as not given);
+    ConfigError says what is wrong with it."""
+    d = {k: v for k, v in d.items() if v is not None}
+    unknown = sorted(set(d) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
+    common = dict(mem_size=_mem(d.get("mem", DEFAULT_MEM)), cpus=_cpus(d.get("cpus", 1)),
+                  console=_console(d.get("console", "stdio")), cpuid_mask=_cpuid_mask(d.get("cpuid_mask", "auto")),
+                  on_reboot=_choice(d, "on_reboot", ON_REBOOT), name=str(d.get("name", "pyvmm")),
+                  disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
+                  nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
+    if d.get("firmware") is not None:
+        return _firmware_config(d, common)
+    for option in ("boot", "firmware_log"):
+        if d.get(option) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')} needs --firmware")
+    if d.get("program"):
+        return VmConfig(program=str(d["program"]), **common)
+    cmdline = f"{d.get('cmdline', DEFAULT_CMDLINE)} {d.get('append', '')}".strip()
+    return VmConfig(kernel=d.get("kernel"), initrd=d.get("initrd"), cmdline=cmdline,
+                    entry=_choice(d, "entry", ENTRIES), **common)
+
+
+def _firmware_config(d: dict, common: dict) -> VmConfig:
+    for option in ("kernel", "initrd", "program"):
+        if d.get(option) is not None:
+            raise ConfigError(f"--firmware boots from disk or network: it cannot be used with --{option}")
+    order = parse_boot_order(d["boot"]) if d.get("boot") is not None else None
+    boot_slots(order or DEFAULT_BOOT_ORDER, list(range(len(common["disks"]))), list(range(len(common["nets"]))))
+    return VmConfig(firmware=str(d["firmware"]), boot_order=order, firmware_log=d.get("firmware_log"), **common)
+
+
+def _mem(value) -> int:
+    try:
+        size = parse_size(value)
+    except ConfigError as e:
+        raise ConfigError(f"--mem: {e}") from None
+    if size < MIN_MEM:
+        raise ConfigError(f"--mem {size} bytes is too small: at least {MIN_MEM // MiB}M")
+    if size % PAGE_SIZE:
+        raise ConfigError("--mem must be a multiple of 4 KiB")
+    return size
+
+
+def _cpus(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--cpus {value}: at least 1 vCPU")
+    return value
+
+
+def _console(console: str) -> str:
+    if not (console in ("stdio", "none") or console.startswith("file:") and len(console) > 5):
+        raise ConfigError(f"--console {console!r}: use {CONSOLE_SYNTAX}")
+    return console
+
+
+def _cpuid_mask(value) -> tuple[str, ...] | None:
+    """'auto' (None: decided by the machine), 'none' (nothing hidden), or features to hide."""
+    from kernel.cpuid import parse_mask
+
+    if value == "auto" or value is None:
+        return None
+    if value == "none":
+        return ()
+    try:
+        return parse_mask(value if isinstance(value, str) else ",".join(value))
+    except ValueError as e:
+        raise ConfigError(f"--cpuid-mask: {e}") from None
+
+
+def _choice(d: dict, option: str, choices: tuple[str, ...]) -> str:
+    value = d.get(option, choices[0])
+    if value not in choices:
+        raise ConfigError(f"--{option.replace('_', '-')} {value!r}: use {' or '.join(choices)}")
+    return value
+
+
+def _each(d: dict, option: str, from_text, from_dict_form) -> list:
+    """Each --disk / --net entry: command-line text, a dict of its keys, or a DiskSpec / NetSpec."""
+    out = []
+    for entry in d.get(option) or ():
+        try:
+            if isinstance(entry, (DiskSpec, NetSpec)):
+                out.append(entry)
+            else:
+                out.append(from_text(entry) if isinstance(entry, str) else from_dict_form(entry))
+        except ConfigError as e:
+            raise ConfigError(f"--{option}: {e}") from None
+    return out

@@ -1,0 +1,38 @@
+"""The virtio devices of a VmConfig: open the backend a spec names, then build the device on it."""
+
+from __future__ import annotations
+
+from virtio.backends.raw import RawImage
+from virtio.backends.tap import Tap
+from virtio.blk import VirtioBlk
+from virtio.net import VirtioNet
+from virtio.net_hdr import NET_HDR_SIZE
+from .config import DiskSpec, NetSpec, default_mac
+from .memory import GuestMemory
+
+
+def build_disk(mem: GuestMemory, spec: DiskSpec, *, default_queues: int = 1, queue_size: int = 256) -> VirtioBlk:
+    """A virtio-blk device on the image `spec` names (raises ImageError, ValueError)."""
+    image = RawImage.open(spec.path, read_only=spec.read_only, cache=spec.cache)
+    return _on_backend(image, lambda: VirtioBlk(mem, image, num_queues=spec.queues or default_queues,
+                                                queue_size=queue_size, serial=spec.serial,
+                                                read_only=spec.read_only))
+
+
+def build_net(mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", default_queues: int = 1,
+              queue_size: int = 256, mtu: int = 1500) -> VirtioNet:
+    """A virtio-net device on the tap `spec` names, one tap queue per queue pair (raises TapError,
+    ValueError); without a MAC in `spec`, default_mac(tap, vm_id)."""
+    queues = spec.queues or default_queues
+    tap = Tap.open(spec.tap, queues=queues, vnet_hdr_size=NET_HDR_SIZE)
+    return _on_backend(tap, lambda: VirtioNet(mem, tap, mac=spec.mac or default_mac(tap.name, vm_id),
+                                              queue_pairs=queues, queue_size=queue_size, mtu=mtu))
+
+
+def _on_backend(backend, build):
+    """What `build()` returns; the backend closed if it fails."""
+    try:
+        return build()
+    except BaseException:
+        backend.close()
+        raise
