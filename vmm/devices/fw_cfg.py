@@ -180,15 +180,6 @@ class FwCfg:
         with self._lock:
             self._items[key] = _Item(bytearray(data))
 
-    def add_item_u16(self, selector: int, value: int) -> None:
-        self.add_item(selector, struct.pack("<H", value))
-
-    def add_item_u32(self, selector: int, value: int) -> None:
-        self.add_item(selector, struct.pack("<I", value))
-
-    def add_item_u64(self, selector: int, value: int) -> None:
-        self.add_item(selector, struct.pack("<Q", value))
-
     def add_file(self, name: str, data: bytes, *, writable: bool = False) -> int:
         """Add a named file; returns its selector (0x20 up, in the order added)."""
         raw = name.encode("ascii")
@@ -212,19 +203,6 @@ class FwCfg:
         """The current contents of a file (KeyError if there is none)."""
         with self._lock:
             return bytes(self._items[self._files[name]].data)
-
-    def file_selector(self, name: str) -> int:
-        with self._lock:
-            return self._files[name]
-
-    def file_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._files)
-
-    def item_data(self, selector: int) -> bytes | None:
-        with self._lock:
-            item = self._items.get(_key(selector))
-            return None if item is None else bytes(item.data)
 
     def reset(self) -> None:
         """Power-on state: signature selected, offset 0, DMA address 0 (items kept)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 from . import constants as c
@@ -41,21 +40,6 @@ class Kvm:
                     continue
                 raise
             return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[: buf.nent]]
-
-    def msr_index_list(self) -> list[int]:
-        probe = s.kvm_msr_list(nmsrs=0)
-        try:
-            ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, probe, name="KVM_GET_MSR_INDEX_LIST")
-        except OSError as e:
-            if e.errno != 7:  # E2BIG tells the count
-                raise
-
-        class _list(ctypes.Structure):
-            _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * probe.nmsrs)]
-
-        full = _list(nmsrs=probe.nmsrs)
-        ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, full, name="KVM_GET_MSR_INDEX_LIST")
-        return list(full.indices[: full.nmsrs])
 
     def create_vm(self):
         from .vm import Vm

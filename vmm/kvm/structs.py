@@ -66,9 +66,9 @@ class kvm_msrs(Struct):
     _fields_ = [("nmsrs", u32), ("pad", u32)]  # followed by kvm_msr_entry entries[nmsrs]
 
 
-def msrs(entries: dict[int, int] | list[int]) -> ctypes.Structure:
-    """A kvm_msrs with its flexible array: from {index: value} (to set) or [index] (to get)."""
-    items = list(entries.items()) if isinstance(entries, dict) else [(i, 0) for i in entries]
+def msrs(values: dict[int, int]) -> ctypes.Structure:
+    """A kvm_msrs with its flexible array, from {index: value}."""
+    items = list(values.items())
 
     class _kvm_msrs(Struct):
         _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * len(items))]
@@ -77,10 +77,6 @@ def msrs(entries: dict[int, int] | list[int]) -> ctypes.Structure:
     for slot, (index, value) in zip(m.entries, items):
         slot.index, slot.data = index, value
     return m
-
-
-class kvm_msr_list(Struct):
-    _fields_ = [("nmsrs", u32)]  # followed by u32 indices[nmsrs]
 
 
 class kvm_lapic_state(Struct):
@@ -128,10 +124,6 @@ class kvm_pit_config(Struct):
 
 
 KVM_PIT_SPEAKER_DUMMY = 1
-
-
-class kvm_reinject_control(Struct):
-    _fields_ = [("pit_reinject", u8), ("reserved", u8 * 31)]
 
 
 class kvm_irqfd(Struct):

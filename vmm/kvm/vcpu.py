@@ -94,9 +94,6 @@ class Vcpu:
     def set_sregs(self, sregs: s.kvm_sregs) -> None:
         ioctl(self.fd, c.KVM_SET_SREGS, sregs, name="KVM_SET_SREGS")
 
-    def get_fpu(self) -> s.kvm_fpu:
-        return self._get(c.KVM_GET_FPU, s.kvm_fpu, "KVM_GET_FPU")
-
     def set_fpu(self, fpu: s.kvm_fpu) -> None:
         ioctl(self.fd, c.KVM_SET_FPU, fpu, name="KVM_SET_FPU")
 
@@ -139,14 +136,6 @@ class Vcpu:
         if done != len(values):
             bad = list(values)[done]
             raise IoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", errno.EINVAL)
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        m = s.msrs(indices)
-        n = ioctl(self.fd, c.KVM_GET_MSRS, m, name="KVM_GET_MSRS")
-        return {e.index: e.data for e in m.entries[:n]}
-
-    def get_mp_state(self) -> int:
-        return self._get(c.KVM_GET_MP_STATE, s.kvm_mp_state, "KVM_GET_MP_STATE").mp_state
 
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, c.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state=state), name="KVM_SET_MP_STATE")

@@ -34,11 +34,6 @@ class Vm:
     def create_pit2(self, flags: int = 0) -> None:
         ioctl(self.fd, c.KVM_CREATE_PIT2, s.kvm_pit_config(flags=flags), name="KVM_CREATE_PIT2")
 
-    def set_pit_reinject(self, reinject: bool) -> None:
-        """Whether the PIT makes up ticks the guest missed (KVM's default) or drops them."""
-        ioctl(self.fd, c.KVM_REINJECT_CONTROL, s.kvm_reinject_control(pit_reinject=int(reinject)),
-              name="KVM_REINJECT_CONTROL")
-
     def irq_line(self, irq: int, level: bool) -> None:
         ioctl(self.fd, c.KVM_IRQ_LINE, s.kvm_irq_level(irq=irq, level=int(level)), name="KVM_IRQ_LINE")
 
