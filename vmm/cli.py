@@ -12,6 +12,7 @@ import signal
 import sys
 
 from . import config, kit
+from .config.vm import CONSOLE_SYNTAX, DEFAULT_CMDLINE, ENTRIES, ON_REBOOT
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -37,18 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         "On the serial console, Ctrl-A x quits."))
     run.add_argument("--kernel", help=f"bzImage or vmlinux ELF (default: {kit.kit_kernel()})")
     run.add_argument("--initrd", help=f"initial ramdisk (default with the kit kernel: {kit.kit_initrd()})")
-    run.add_argument("--cmdline", help=f"kernel command line (default: {config.vm.DEFAULT_CMDLINE})")
+    run.add_argument("--cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE})")
     run.add_argument("--append", help="added to the end of --cmdline")
     run.add_argument("--mem", help="guest RAM, e.g. 512M, 4G (default: 512M)")
     run.add_argument("--cpus", type=int, help="number of vCPUs (default: 1)")
-    run.add_argument("--console", help=f"{config.vm.CONSOLE_SYNTAX} (default: stdio)")
-    run.add_argument("--entry", choices=config.vm.ENTRIES, help=(
+    run.add_argument("--console", help=f"{CONSOLE_SYNTAX} (default: stdio)")
+    run.add_argument("--entry", choices=ENTRIES, help=(
         "vmlinux: decompress the bzImage on the host and enter the kernel's 64-bit entry directly (default, faster); "
         "bzimage: enter the bzImage's own 64-bit entry and let it decompress itself"))
     run.add_argument("--cpuid-mask", metavar="FEATURES", help=(
         "comma-separated CPU features hidden from the guest (e.g. cx16,xsave), 'none', or 'auto' (default): "
         "hide what the host's KVM cannot run when it emulates guest kernel mode"))
-    run.add_argument("--on-reboot", choices=config.vm.ON_REBOOT,
+    run.add_argument("--on-reboot", choices=ON_REBOOT,
                      help="when the guest reboots: end pyvmm with status 0 (default) or start it again")
     run.add_argument("--disk", action="append", metavar="SPEC", help=(
         "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "

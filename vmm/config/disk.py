@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from virtio.backends.raw import CACHE_MODES
 from virtio.blk import MAX_QUEUES, check_serial
-from .options import ConfigError, parse_bool, parse_count, split_options
+from .options import ConfigError, check_dict, parse_bool, parse_count, split_options
 
 DISK_SPEC_SYNTAX = "PATH[,readonly=on|off][,serial=ID][,cache=writeback|none][,queues=N]"
 DISK_KEYS = ("readonly", "serial", "cache", "queues")
@@ -36,11 +36,7 @@ def parse_disk_spec(text: str) -> DiskSpec:
 def disk_from_dict(d: dict) -> DiskSpec:
     """{"path": ..., "readonly": ..., "serial": ..., "cache": ..., "queues": ...} (a config file's form)."""
     where = f"disk {d!r}"
-    unknown = set(d) - {"path", *DISK_KEYS, *DISK_ALIASES}
-    if unknown:
-        raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]!r} (known: path, {', '.join(DISK_KEYS)})")
-    if not d.get("path"):
-        raise ConfigError(f"{where}: no image path")
+    check_dict(d, where=where, known=("path", *DISK_KEYS, *DISK_ALIASES), required="path", missing="no image path")
     values = {DISK_ALIASES.get(k, k): v for k, v in d.items() if k != "path"}
     return disk_from_values(str(d["path"]), values, where=where)
 

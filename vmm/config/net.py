@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from virtio.backends.tap import TapError, check_tap_name
 from virtio.net import ETH_ALEN, MAX_QUEUE_PAIRS
-from .options import ConfigError, parse_count, split_options
+from .options import ConfigError, check_dict, parse_count, split_options
 
 NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
 NET_KEYS = ("tap", "mac", "queues", "rom")
@@ -67,11 +67,7 @@ def parse_net_spec(text: str) -> NetSpec:
 def net_from_dict(d: dict) -> NetSpec:
     """{"tap": ..., "mac": ..., "queues": ..., "rom": ...} (a config file's form)."""
     where = f"net {d!r}"
-    unknown = set(d) - set(NET_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]!r} (known: {', '.join(NET_KEYS)})")
-    if not d.get("tap"):
-        raise ConfigError(f"{where}: no tap=NAME")
+    check_dict(d, where=where, known=NET_KEYS, required="tap", missing="no tap=NAME")
     return net_from_values(d, where=where)
 
 

@@ -65,10 +65,10 @@ def from_dict(d: dict) -> VmConfig:
                   on_reboot=_choice(d, "on_reboot", ON_REBOOT), name=str(d.get("name", "pyvmm")),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
-    if d.get("firmware") is not None:
+    if "firmware" in d:
         return _firmware_config(d, common)
     for option in ("boot", "firmware_log"):
-        if d.get(option) is not None:
+        if option in d:
             raise ConfigError(f"--{option.replace('_', '-')} needs --firmware")
     if d.get("program"):
         return VmConfig(program=str(d["program"]), **common)
@@ -79,9 +79,9 @@ def from_dict(d: dict) -> VmConfig:
 
 def _firmware_config(d: dict, common: dict) -> VmConfig:
     for option in ("kernel", "initrd", "program"):
-        if d.get(option) is not None:
+        if option in d:
             raise ConfigError(f"--firmware boots from disk or network: it cannot be used with --{option}")
-    order = parse_boot_order(d["boot"]) if d.get("boot") is not None else None
+    order = parse_boot_order(d["boot"]) if "boot" in d else None
     boot_slots(order or DEFAULT_BOOT_ORDER, list(range(len(common["disks"]))), list(range(len(common["nets"]))))
     return VmConfig(firmware=str(d["firmware"]), boot_order=order, firmware_log=d.get("firmware_log"), **common)
 
