@@ -126,3 +126,11 @@ def test_a_tap_that_cannot_be_used_exits_2(tiny):
             first.terminate()
             first.communicate(timeout=60)
         assert first.returncode == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--console", "file:/proc/no-such-file"], ["--console", "/proc/no-such-file"]),  # passes the checks, open fails
+    (["--console", "none", "--disk", "/dev/null"], ["/dev/null", "not a regular file or a block device"]),
+])
+def test_bad_files_found_when_the_machine_is_built_exit_2(args, words):
+    one_line_error(pyvmm("run", "--program", "/bin/true", *args), *words)
