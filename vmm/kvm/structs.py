@@ -79,6 +79,10 @@ def msrs(values: dict[int, int]) -> ctypes.Structure:
     return m
 
 
+class kvm_msr_list(Struct):
+    _fields_ = [("nmsrs", u32)]  # followed by u32 indices[nmsrs]
+
+
 class kvm_lapic_state(Struct):
     _fields_ = [("regs", u8 * 1024)]
 
