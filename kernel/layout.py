@@ -14,7 +14,8 @@ Low memory (first MiB) as pyvmm lays it out::
     0x30000 - 0x9fbff   free
     0x9fc00 - 0x9ffff   EBDA                      \\
     0xa0000 - 0xdffff   legacy VGA / option ROMs    > e820 reserved
-    0xe0000 - 0xfffff   ACPI tables (ACPI_START)  /
+    0xe0000 - 0xfffef   ACPI tables (ACPI_START)  /
+    0xffff0 - 0xfffff   RESET_VECTOR: code that resets the machine
     0x100000            HIMEM_START: 1 MiB, start of "high" memory
     0x1000000           KERNEL_DEFAULT_LOAD: 16 MiB (LOAD_PHYSICAL_ADDR of x86-64 kernels)
 
@@ -56,7 +57,10 @@ CMDLINE_MAX_SIZE = 0x10000      # bytes available here, terminating NUL included
 # Legacy reserved area: EBDA, VGA hole, option ROMs, BIOS (e820 reserved).
 EBDA_START = 0x9FC00
 ACPI_START = 0xE0000            # ACPI tables (RSDP found by the kernel in 0xE0000-0xFFFFF)
-ACPI_END = 0x100000             # exclusive
+# The real-mode reset vector, F000:FFF0: where a kernel that resets "through the BIOS" jumps.  Direct
+# boot puts a few bytes there that press the ACPI reset register (vmm/boot.py, reset_vector_code).
+RESET_VECTOR = 0xFFFF0
+ACPI_END = RESET_VECTOR         # exclusive
 HIMEM_START = 0x100000          # 1 MiB
 
 # Where a relocatable kernel goes when nothing else is said.

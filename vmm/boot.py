@@ -60,15 +60,34 @@ def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConf
 def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int, entry: str = "vmlinux",
                pci=None, reserved=()) -> BootPlan:
     """`pci`: the PciHostConfig the DSDT describes; `reserved`: extra e820 reserved ranges (ECAM)."""
-    tables = acpi.build(acpi_config(cpus, pci), rsdp_addr=layout.ACPI_START)
+    config = acpi_config(cpus, pci)
+    tables = acpi.build(config, rsdp_addr=layout.ACPI_START)
     for gpa, blob in tables.items():
+        if gpa + len(blob) > layout.ACPI_END:
+            raise KernelImageError(f"ACPI tables reach {gpa + len(blob):#x}, past {layout.ACPI_END:#x}")
         mem.write(gpa, blob)
+    mem.write(layout.RESET_VECTOR, reset_vector_code(config.reset_port, config.reset_value))
     linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
                        acpi_rsdp_addr=layout.ACPI_START)
     gdt = write_gdt(mem, layout.BOOT_GDT)
     cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
     bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)
     return BootPlan(states=[bsp], linux=linux)
+
+
+def reset_vector_code(port: int, value: int) -> bytes:
+    """Real-mode code for the reset vector of a machine with no BIOS: write `value` to I/O `port`
+    (the FADT's RESET_REG), then halt for good.  Linux jumps there to reset "through the BIOS"
+    (machine_real_restart): with reboot=bios, and by default where the FADT is hardware-reduced and
+    there is no EFI (its reboot then tries EFI, which is absent, and the BIOS next), which is direct
+    boot here; without this, `reboot` ran the zeros found there and never reached the VMM."""
+    return bytes([
+        0xB0, value,                    # mov al, value
+        0xBA, port & 0xFF, port >> 8,   # mov dx, port
+        0xEE,                           # out dx, al
+        0xF4,                           # hlt
+        0xEB, 0xFD,                     # jmp short back to the hlt
+    ])
 
 
 def boot_program(mem, *, program: str, cpus: int, map_size: int) -> BootPlan:

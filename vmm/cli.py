@@ -151,10 +151,11 @@ def cmd_run(args) -> int:
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
         finally:
             machine.close()
-        if message and (status != 0 or args.verbose):
-            print(f"\npyvmm: {message}", file=sys.stderr)
         if reset and cfg.on_reboot == "restart":
+            print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
+        if message and (status != 0 or args.verbose or reset):  # a poweroff ends quietly
+            print(f"\npyvmm: {message}", file=sys.stderr)
         return status
     return EXIT_OK
 

@@ -212,3 +212,21 @@ def test_on_reboot_restart_boots_again(tiny, tmp_path):
         # VM teardown waits on an SRCU grace period in the host kernel: slow when the host is busy
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
+
+
+@pytest.mark.skipif(not __import__("vmm.kit").kit.kit_kernel().exists(), reason="needs the guest kit (scripts/guestkit.py build)")
+def test_the_reset_vector_of_a_direct_boot_resets_the_machine():
+    """Linux resets "through the BIOS" (machine_real_restart: real mode, then a jump to F000:FFF0) by
+    default where the FADT is hardware-reduced and there is no EFI, as in direct boot: what pyvmm puts
+    at the reset vector must press the ACPI reset register (the kit kernel's `reboot -f` hung before)."""
+    from vmm import kit
+
+    m = Machine(VmConfig(kernel=str(kit.kit_kernel()), cpus=2, console="none"))
+    reset_state = m.vcpus[1].get_sregs()  # an AP waiting for INIT/SIPI still has KVM's reset state
+    reset_state.cs.selector, reset_state.cs.base = 0xF000, 0xF0000  # as after `ljmp $0xf000, $0xfff0`
+    m.vcpus[0].set_sregs(reset_state)
+    regs = m.vcpus[0].get_regs()
+    regs.rip, regs.rflags = 0xFFF0, 0x2
+    m.vcpus[0].set_regs(regs)
+    assert run_machine(m) == 0
+    assert m.lifecycle.reset_requested and m.lifecycle.message == "guest reset"
