@@ -1,6 +1,7 @@
 """What virtio-net's device (virtio/net.py) and its ring paths (virtio/net_rx.py,
 virtio/net_tx.py) share: frame sizes, the per-pair counters, and the context a path
-reports through."""
+reports through.  The configuration (vmm/config/net.py) takes its limits from here, so
+checking a --net option loads no ring code."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .queue import ChainError, Queue
 # The largest frame: a 64 KiB GSO packet with its link headers.  A driver without MRG_RXBUF that
 # accepts GUEST_TSO*/UFO posts NET_HDR_SIZE + MAX_FRAME = 65562-byte buffers (5.1.6.3.1).
 MAX_FRAME = 65550
+ETH_ALEN = 6  # bytes in a MAC address
+MAX_QUEUE_PAIRS = 64  # what a virtio-net device of ours offers at most
 MAX_BUFFER = NET_HDR_SIZE + MAX_FRAME
 # used.idx is written every this many chains within a batch, not only at its end: the driver can
 # refill the ring while the device works through it, so a busy queue does not run dry and sleep.

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vmm.memory import GuestMemory
-from .backends.tap import NetBatchIO
+from .backends.tap_batch import NetBatchIO
 from .batch import IOV_MAX, MAX_BATCH, MAX_BATCH_DESCRIPTORS, Batch
 from .batch import BatchReader
 from .net_common import PUBLISH_EVERY, NetStats, PathContext

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends.tap import NetBatchIO
+from .backends.tap_batch import NetBatchIO
 from .batch import IOV_MAX, MAX_BATCH_DESCRIPTORS, Batch, BatchReader
 from .net_common import MAX_BUFFER, PUBLISH_EVERY, NetStats, PathContext
 from .net_hdr import NET_HDR_SIZE

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from virtio.backends.raw import RawImage
-from virtio.backends.tap import Tap
 from virtio.blk import VirtioBlk
-from virtio.net import VirtioNet
-from virtio.net_hdr import NET_HDR_SIZE
 from .config import DiskSpec, NetSpec, default_mac
 from .memory import GuestMemory
+
+if TYPE_CHECKING:
+    from virtio.net import VirtioNet
 
 
 def build_disk(mem: GuestMemory, spec: DiskSpec, *, default_queues: int = 1, queue_size: int = 256) -> VirtioBlk:
@@ -22,7 +24,12 @@ def build_disk(mem: GuestMemory, spec: DiskSpec, *, default_queues: int = 1, que
 def build_net(mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", default_queues: int = 1,
               queue_size: int = 256, mtu: int = 1500) -> VirtioNet:
     """A virtio-net device on the tap `spec` names, one tap queue per queue pair (raises TapError,
-    ValueError); without a MAC in `spec`, default_mac(tap, vm_id)."""
+    ValueError); without a MAC in `spec`, default_mac(tap, vm_id).  (virtio-net and its batch
+    paths, with numpy, are loaded here: a VM without a NIC never loads them.)"""
+    from virtio.backends.tap import Tap
+    from virtio.net import VirtioNet
+    from virtio.net_hdr import NET_HDR_SIZE
+
     queues = spec.queues or default_queues
     tap = Tap.open(spec.tap, queues=queues, vnet_hdr_size=NET_HDR_SIZE)
     return _on_backend(tap, lambda: VirtioNet(mem, tap, mac=spec.mac or default_mac(tap.name, vm_id),

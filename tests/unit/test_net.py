@@ -27,7 +27,8 @@ from tests.unit.test_tap import (  # noqa: F401  (netns is a fixture)
     recv_frames,
     tcp_gso_frame,
 )
-from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, IovecLoop, Tap
+from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from virtio.backends.tap_batch import IovecLoop
 from virtio.device import (
     CONFIG,
     VIRTIO_CONFIG_S_ACKNOWLEDGE,

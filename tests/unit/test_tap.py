@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from virtio.backends import tap as tapmod
+from virtio.backends.tap_batch import IovecLoop
 from virtio.backends.tap import (
     IFF_MULTI_QUEUE,
     IFF_NO_PI,
@@ -554,7 +555,7 @@ def test_iovec_loop_moves_a_frame_per_row_and_reports_errors_per_row():
                 raise OSError(refuse[0], os.strerror(refuse[0]))
             return os.writev(a.fileno(), views)
 
-        loop = tapmod.IovecLoop(lambda views: os.readv(a.fileno(), views), writev)
+        loop = IovecLoop(lambda views: os.readv(a.fileno(), views), writev)
         frames = [bytearray(b"first frame"), bytearray(b"second"), bytearray(b"3")]
         pieces = [frames[0][:5], frames[0][5:]]  # (a frame in two buffers)
         keep, addresses, counts = _iov_rows(pieces, [frames[1]], [frames[2]])

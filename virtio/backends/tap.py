@@ -38,13 +38,12 @@ say so: a reader that must know adds a byte of its own after its buffers (the
 frame was cut if that byte was reached).  Both raise BlockingIOError when the queue is empty / the kernel's buffers are
 full; the caller polls fileno(i) for EPOLLIN / EPOLLOUT.
 
-Batches (`open_batch_io(i)`, a `TapBatchIO`): many frames per system call, each
-a row of struct iovec the caller built over its memory, submitted together to an
-io_uring with RWF_NOWAIT (an empty / full queue answers -EAGAIN at once).  Linux
+Batches (`open_batch_io(i)`, a `TapBatchIO` of tap_batch.py): many frames per system
+call, each a row of struct iovec the caller built over its memory, submitted together
+to an io_uring with RWF_NOWAIT (an empty / full queue answers -EAGAIN at once).  Linux
 6.1 refuses RWF_NOWAIT on a tap (-EOPNOTSUPP): an empty request tells (it moves
 no frame), and then there is no TapBatchIO (one frame per call).  Which of the
-two a process uses is logged once.  `IovecLoop` is the same interface as a
-plain loop over one-frame readv / writev, for backends without io_uring.
+two a process uses is logged once.
 
 This module knows nothing of virtio devices: it takes memoryviews, iovec arrays
 and TUN_F_* flags.  (No `fcntl` module, a project rule: ioctl through ctypes.)
@@ -59,9 +58,10 @@ import os
 from functools import partial
 from typing import Callable, Protocol, Sequence
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from vmm.io_uring import IORING_OP_READV, IORING_OP_WRITEV, IoUring
+if TYPE_CHECKING:  # (numpy and io_uring are loaded only when a device takes the batch path)
+    from .tap_batch import NetBatchIO, TapBatchIO
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
-_readv = _libc.readv  # (over an iovec array a caller built: os.readv wants a list of buffers)
-_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-_readv.restype = ctypes.c_ssize_t
-
-BATCH_RING_ENTRIES = 256  # io_uring submission queue of a tap queue's batch I/O
 
 
 class _IfReq(ctypes.Structure):
@@ -143,30 +138,6 @@ def check_tap_name(name: str) -> None:
         raise TapError(f"tap name {name!r} is too long: at most {IFNAMSIZ - 1} characters")
     if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
         raise TapError(f"tap name {name!r} is not a valid interface name (no '/', ':' or spaces)")
-
-
-class NetBatchIO(Protocol):
-    """Many frames per call: what a device's batch paths need of a backend's queue.
-
-    A frame is a row of `struct iovec` (16 bytes: address, length) that the device built over
-    guest memory; `iov_addresses[i]` is the address of frame i's first iovec, `counts[i]` how
-    many it has.  Results are per frame, in order: the bytes read / written, or -errno
-    (-EAGAIN: the queue was empty / full; nothing waits).  0 from a read is end of file.
-    """
-
-    def read_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """One readv per row, in row order; their results (int64)."""
-        ...
-
-    def write_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """One writev per row, in row order; their results (int64)."""
-        ...
-
-    def readv_at(self, iov_address: int, count: int) -> int:
-        """One readv over `count` iovecs at `iov_address`; the bytes read, or -errno."""
-        ...
-
-    def close(self) -> None: ...
 
 
 class NetBackend(Protocol):
@@ -206,85 +177,6 @@ class NetBackend(Protocol):
     def set_queue_enabled(self, index: int, enabled: bool) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _views_at(iov_address: int, count: int) -> list[memoryview]:
-    """The buffers of `count` struct iovecs at `iov_address`, as memoryviews (no copy)."""
-    rows = (ctypes.c_uint64 * (2 * count)).from_address(iov_address)
-    return [memoryview((ctypes.c_char * rows[2 * i + 1]).from_address(rows[2 * i])).cast("B") for i in range(count)]
-
-
-class IovecLoop:
-    """NetBatchIO over one-frame readv / writev callables (memoryviews in, bytes out, OSError):
-    a plain loop, one call per frame.  For backends without a kernel interface for batches (a
-    test's fake); errors come back per frame like io_uring's."""
-
-    def __init__(self, readv: Callable[[Sequence[memoryview]], int], writev: Callable[[Sequence[memoryview]], int]):
-        self._readv, self._writev = readv, writev
-
-    def read_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return self._each(self._readv, iov_addresses, counts)
-
-    def write_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return self._each(self._writev, iov_addresses, counts)
-
-    def readv_at(self, iov_address: int, count: int) -> int:
-        return self._one(self._readv, iov_address, count)
-
-    def close(self) -> None:
-        pass
-
-    def _each(self, op, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        results = [self._one(op, a, c) for a, c in zip(iov_addresses.tolist(), counts.tolist())]
-        return np.array(results, dtype=np.int64)
-
-    @staticmethod
-    def _one(op, iov_address: int, count: int) -> int:
-        try:
-            return op(_views_at(iov_address, count))
-        except BlockingIOError:
-            return -errno.EAGAIN
-        except OSError as err:
-            return -(err.errno or errno.EIO)
-
-
-class TapBatchIO:
-    """NetBatchIO on a tap queue's fd: reads and writes through two io_urings (vmm/io_uring.py),
-    RWF_NOWAIT so an empty or full queue answers -EAGAIN at once, all of a batch in one
-    io_uring_enter; readv_at is a plain readv(2).  Raises OSError where io_uring cannot be had
-    (an old kernel, a sandbox) or refuses RWF_NOWAIT on a tap (Linux 6.1: -EOPNOTSUPP)."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._reads: IoUring | None = None
-        self._writes: IoUring | None = None
-        try:
-            self._writes = IoUring(BATCH_RING_ENTRIES)
-            self._writes.prefill(IORING_OP_WRITEV, fd)
-            self._reads = IoUring(BATCH_RING_ENTRIES)
-            self._reads.prefill(IORING_OP_READV, fd)
-            # On a tap an empty request moves no frame (IoUring.probe).
-            if any(ring.probe() == -errno.EOPNOTSUPP for ring in (self._writes, self._reads)):
-                raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring refuses non-blocking (RWF_NOWAIT) tap I/O")
-        except BaseException:
-            self.close()
-            raise
-
-    def read_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return self._reads.submit_rw(iov_addresses, counts)
-
-    def write_batch(self, iov_addresses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return self._writes.submit_rw(iov_addresses, counts)
-
-    def readv_at(self, iov_address: int, count: int) -> int:
-        n = _readv(self._fd, iov_address, count)
-        return n if n >= 0 else -ctypes.get_errno()
-
-    def close(self) -> None:
-        for ring in (self._reads, self._writes):
-            if ring is not None:
-                ring.close()
-        self._reads = self._writes = None
 
 
 _said_path = False
@@ -361,6 +253,8 @@ class Tap:
         """Queue `index`'s batch I/O (io_uring), or None where this kernel cannot give it: then
         one frame per system call (said once per process, as is the io_uring path)."""
         try:
+            from .tap_batch import TapBatchIO
+
             batch_io = TapBatchIO(self.fds[index])
         except OSError as err:
             _say_path(self.name, f"one frame per system call (io_uring batches unavailable: {err})", log.warning)

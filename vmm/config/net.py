@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from virtio.backends.tap import TapError, check_tap_name
-from virtio.net import ETH_ALEN, MAX_QUEUE_PAIRS
+from virtio.net_common import ETH_ALEN, MAX_QUEUE_PAIRS
 from .options import ConfigError, check_dict, parse_count, split_options
 
 NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
