@@ -60,7 +60,7 @@ class ProgramHeader:
 class ElfImage:
     """A parsed and checked ELF executable (nothing loaded yet)."""
 
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)  # (a view: of a cached kernel's mapping, not copied)
     e_type: int
     e_machine: int
     e_entry: int
@@ -99,9 +99,9 @@ class ElfImage:
             while pos + ELF_NHDR.size <= len(note):
                 namesz, descsz, ntype = ELF_NHDR.unpack_from(note, pos)
                 pos += ELF_NHDR.size
-                name = note[pos : pos + namesz].rstrip(b"\0")
+                name = bytes(note[pos : pos + namesz]).rstrip(b"\0")
                 pos += _align4(namesz)
-                desc = note[pos : pos + descsz]
+                desc = bytes(note[pos : pos + descsz])
                 pos += _align4(descsz)
                 if pos > len(note):
                     break               # a truncated note: stop, notes are informational
@@ -124,9 +124,11 @@ def is_elf(data: bytes) -> bool:
     return bytes(data[:4]) == ELFMAG
 
 
-def parse_elf(data: bytes) -> ElfImage:
-    """Parse and check an ELF64 x86-64 executable; KernelImageError if it cannot be loaded."""
-    data = bytes(data)
+def parse_elf(data: bytes | memoryview) -> ElfImage:
+    """Parse and check an ELF64 x86-64 executable; KernelImageError if it cannot be loaded.
+    A memoryview is kept as it is (a mapped file is not read into memory)."""
+    if not isinstance(data, memoryview):
+        data = bytes(data)
     if len(data) < ELF64_EHDR.size or not is_elf(data):
         raise KernelImageError("not an ELF file (no \\x7fELF magic)")
     (ident, e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize,
@@ -203,7 +205,7 @@ def load_elf(mem: GuestMemory, data: bytes | ElfImage) -> LoadedElf:
     for ph in image.segments:
         try:
             dest = mem.view(ph.p_paddr, ph.p_memsz)
-            dest[: ph.p_filesz] = image.data[ph.p_offset : ph.p_offset + ph.p_filesz]
+            dest[: ph.p_filesz] = memoryview(image.data)[ph.p_offset : ph.p_offset + ph.p_filesz]
             mem.fill(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)
             dest.release()
         except GuestMemoryError as e:  # checked above; kept for a clear message

@@ -16,7 +16,9 @@ mode and [0, 4 GiB) identity-mapped (see kernel/layout.py for the page tables).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from vmm.memory import GuestMemory
 
@@ -27,6 +29,9 @@ from .decompress import decompress_payload, detect_format
 from .e820 import E820Entry, build_e820, usable_ranges
 from .elf import is_elf, load_elf, parse_elf
 from .errors import KernelImageError
+
+if TYPE_CHECKING:
+    from .cache import KernelCache
 
 ENTRY_MODES = ("vmlinux", "bzimage")
 
@@ -60,22 +65,37 @@ class LinuxBoot:
 
 def load_linux(mem: GuestMemory, kernel_path: str, initrd_path: str | None = None,
                cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
-               acpi_rsdp_addr: int | None = None) -> LinuxBoot:
+               acpi_rsdp_addr: int | None = None, kernel_cache: KernelCache | None = None) -> LinuxBoot:
     """Load kernel (bzImage or vmlinux ELF), initrd and command line; fill the zero page.
 
     `reserved` holds extra e820 ranges ((addr, size[, type]) or E820Entry) the
-    machine declares; `acpi_rsdp_addr` goes to boot_params.acpi_rsdp_addr.
+    machine declares; `acpi_rsdp_addr` goes to boot_params.acpi_rsdp_addr.  With a
+    `kernel_cache`, a bzImage's decompressed kernel comes from there (and goes there).
+    The initrd goes from its file straight into guest memory.
     """
     kernel = _read(kernel_path, "kernel")
-    initrd = _read(initrd_path, "initrd") if initrd_path is not None else None
-    return load_linux_image(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                            acpi_rsdp_addr=acpi_rsdp_addr)
+    decompress = _decompress
+    if kernel_cache is not None:
+        def decompress(image: BzImage) -> bytes | memoryview:
+            return kernel_cache.vmlinux(kernel_path, kernel, lambda: _decompress(image))
+    if initrd_path is None:
+        return load_linux_image(mem, kernel, None, cmdline, entry=entry, reserved=reserved,
+                                acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress)
+    try:
+        initrd = open(initrd_path, "rb")
+    except OSError as e:
+        raise KernelImageError(f"cannot read initrd {initrd_path}: {e.strerror}") from e
+    with initrd:
+        return load_linux_image(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
+                                acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress)
 
 
-def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | None = None,
+def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO | None = None,
                      cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
-                     acpi_rsdp_addr: int | None = None) -> LinuxBoot:
-    """load_linux for images already in memory."""
+                     acpi_rsdp_addr: int | None = None,
+                     decompress: Callable[[BzImage], bytes | memoryview] | None = None) -> LinuxBoot:
+    """load_linux for a kernel already in memory; the initrd as bytes or an open file.
+    `decompress(image)` gives a bzImage's vmlinux (default: decompress its payload)."""
     if entry not in ENTRY_MODES:
         raise ValueError(f"entry must be one of {ENTRY_MODES}, not {entry!r}")
     for what, gpa, size in (("zero page", layout.ZERO_PAGE, layout.ZERO_PAGE_SIZE),
@@ -94,7 +114,7 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | None = Non
     if entry == "bzimage":
         placed = _load_protected_mode_kernel(mem, image)
     else:
-        placed = _load_vmlinux(mem, image, kernel)
+        placed = _load_vmlinux(mem, image, kernel, decompress or _decompress)
     entry_point, kernel_start, kernel_end, payload_format, pvh_entry = placed
 
     params = BootParams(image.setup_header_bytes if image else None)
@@ -108,13 +128,13 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | None = Non
     e820 = build_e820(mem.regions, reserved)
     params.set_e820(e820)
 
-    initrd_start = 0
-    if initrd:
+    initrd_start, initrd_size = 0, _initrd_size(initrd)
+    if initrd_size:
         addr_max = image.header.initrd_addr_max if image else DEFAULT_INITRD_ADDR_MAX
-        initrd_start = place_initrd(e820, len(initrd), limit=min(addr_max + 1, INITRD_LIMIT),
+        initrd_start = place_initrd(e820, initrd_size, limit=min(addr_max + 1, INITRD_LIMIT),
                                     avoid=[(kernel_start, kernel_end)])
-        mem.write(initrd_start, initrd)
-        params.set_initrd(initrd_start, len(initrd))
+        _put_initrd(mem, initrd_start, initrd_size, initrd)
+        params.set_initrd(initrd_start, initrd_size)
 
     if acpi_rsdp_addr is not None:
         params.set_acpi_rsdp(acpi_rsdp_addr)
@@ -127,7 +147,7 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | None = Non
         kernel_start=kernel_start,
         kernel_end=kernel_end,
         initrd_start=initrd_start,
-        initrd_size=len(initrd) if initrd else 0,
+        initrd_size=initrd_size,
         mode=entry,
         payload_format=payload_format,
         boot_protocol=image.header.protocol if image else None,
@@ -144,12 +164,36 @@ def _read(path: str, what: str) -> bytes:
         raise KernelImageError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
-def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes):
-    """Load the vmlinux ELF (from the bzImage payload, or the file itself)."""
+def _decompress(image: BzImage) -> bytes:
+    return decompress_payload(image.payload)
+
+
+def _initrd_size(initrd: bytes | BinaryIO | None) -> int:
+    if initrd is None:
+        return 0
+    return len(initrd) if isinstance(initrd, (bytes, bytearray, memoryview)) else os.fstat(initrd.fileno()).st_size
+
+
+def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO) -> None:
+    """The initrd into guest memory: bytes copied, a file read straight in (no copy in Python)."""
+    if isinstance(initrd, (bytes, bytearray, memoryview)):
+        mem.write(gpa, initrd)
+        return
+    done = 0
+    with mem.view(gpa, size) as view:
+        while done < size:
+            n = os.preadv(initrd.fileno(), [view[done:]], done)
+            if n <= 0:
+                raise KernelImageError(f"initrd {initrd.name} shrank while it was read ({done} of {size} bytes)")
+            done += n
+
+
+def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress):
+    """Load the vmlinux ELF (from the bzImage payload through `decompress`, or the file itself)."""
     payload_format = None
     if image is not None:
         payload_format = detect_format(image.payload)
-        kernel = decompress_payload(image.payload)
+        kernel = decompress(image)
     loaded = load_elf(mem, parse_elf(kernel))
     if loaded.low < layout.HIMEM_START:
         raise KernelImageError(

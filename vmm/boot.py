@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernel import acpi, layout
+from kernel.cache import KernelCache
 from kernel.elf import load_elf
 from kernel.errors import KernelImageError
 from kernel.linux import LinuxBoot, load_linux
 from kernel.x86 import LongModeState, long_mode_state, page_table_bytes, write_gdt, write_identity_page_tables
+from .kit import kernel_cache_dir
 
 # user-mode programs: page tables from PROGRAM_PAGE_TABLES up (before the 4 MiB
 # where programs are linked), each vCPU's stack PROGRAM_STACK_SIZE below the last
@@ -68,7 +70,7 @@ def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int,
         mem.write(gpa, blob)
     mem.write(layout.RESET_VECTOR, reset_vector_code(config.reset_port, config.reset_value))
     linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                       acpi_rsdp_addr=layout.ACPI_START)
+                       acpi_rsdp_addr=layout.ACPI_START, kernel_cache=KernelCache(kernel_cache_dir()))
     gdt = write_gdt(mem, layout.BOOT_GDT)
     cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
     bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)

@@ -5,17 +5,24 @@ software KVM, like the one on machines without hardware virtualization).
 The measurement is direct: a probe VM runs the same two-instruction loop at CPL 0
 and at CPL 3 and we compare the times.  Natively both take a fraction of a
 nanosecond per iteration; an emulating KVM is thousands of times slower at CPL 0.
+The probe takes ~50 ms where CPL 0 is emulated: `kernel_mode_native` keeps its verdict
+in the user's cache for the rest of the host's boot (`pyvmm check` measures afresh).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import struct
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 from kernel.layout import VMX_TSS_ADDR
 from kernel.x86 import long_mode_state, write_gdt, write_identity_page_tables
+from .kit import cache_dir
 from .kvm import Kvm, exits
 from .kvm import constants as c
 from .long_mode import set_long_mode
@@ -82,16 +89,64 @@ def measure(kvm: Kvm, iterations: int = PROBE_ITERATIONS) -> ModeTiming:
 
 @functools.lru_cache(maxsize=1)
 def _cached_native(path: str) -> bool:
+    key = host_key(path)
+    known = _read_verdict(key) if key is not None else None
+    if known is not None:
+        return known
     kvm = Kvm(path)
     try:
-        return measure(kvm).kernel_mode_native
+        native = measure(kvm).kernel_mode_native
     finally:
         kvm.close()
+    if key is not None:
+        _write_verdict(key, native)
+    return native
 
 
 def kernel_mode_native(kvm: Kvm | None = None) -> bool:
-    """True when guest kernel mode runs on hardware virtualization (measured once per process)."""
+    """True when guest kernel mode runs on hardware virtualization: measured once per boot of the
+    host and KVM device (the verdict is kept in the user's cache, `verdict_path()`)."""
     return _cached_native(kvm.path if kvm is not None else "/dev/kvm")
+
+
+def host_key(path: str) -> str | None:
+    """What the verdict holds for: this boot of the host (its boot_id) and this KVM device node (a
+    reloaded KVM module makes a new node, with a new inode and ctime); None where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{boot_id} {path} {st.st_rdev:x} {st.st_ino:x} {st.st_ctime_ns}"
+
+
+def verdict_path() -> Path:
+    return cache_dir() / "kvm-mode.json"
+
+
+def _read_verdict(key: str) -> bool | None:
+    try:
+        with open(verdict_path()) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("native"), bool):
+        return saved["native"]
+    return None
+
+
+def _write_verdict(key: str, native: bool) -> None:
+    """Best effort, atomic (a temporary file renamed): a reader sees the old verdict or the new."""
+    path = verdict_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-kvm-mode-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "native": native}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def report(kvm: Kvm) -> str:

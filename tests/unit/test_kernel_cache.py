@@ -1,0 +1,157 @@
+"""kernel/cache.py: decompressed kernels on disk, and load_linux taking its kernel from there."""
+
+import errno
+import gzip
+import hashlib
+import logging
+import os
+import threading
+
+import pytest
+
+from kernel import cache as cache_mod
+from kernel.cache import BY_STAT, SUFFIX, KernelCache
+from kernel.linux import load_linux
+from tests.unit.test_bzimage import make_bzimage
+from tests.unit.test_elf import make_kernel_like_elf
+from vmm.memory import GuestMemory
+
+MiB = 1 << 20
+
+
+class Counting:
+    """A decompress() that counts its calls."""
+
+    def __init__(self, data: bytes):
+        self.data, self.calls = data, 0
+
+    def __call__(self) -> bytes:
+        self.calls += 1
+        return self.data
+
+
+@pytest.fixture
+def bzimage(tmp_path):
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(b"a bzImage " * 1000)
+    return path
+
+
+def entries(directory):
+    return sorted(p.name for p in directory.glob(f"*{SUFFIX}"))
+
+
+def test_a_second_boot_takes_the_kernel_from_the_cache(tmp_path, bzimage):
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"\x7fELF vmlinux bytes")
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"\x7fELF vmlinux bytes"
+    again = cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress)
+    assert bytes(again) == b"\x7fELF vmlinux bytes" and isinstance(again, memoryview)
+    assert decompress.calls == 1
+    digest = hashlib.sha256(bzimage.read_bytes()).hexdigest()
+    assert entries(tmp_path / "c") == [f"{digest}-18{SUFFIX}"]  # (length 18: one cut short is seen)
+
+
+def test_the_entry_is_found_by_content_when_the_file_is_new(tmp_path, bzimage):
+    """A copy of the same bzImage (another inode) hashes to the same entry: no decompression."""
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"\x7fELF v")
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress)
+    copy = tmp_path / "copy"
+    copy.write_bytes(bzimage.read_bytes())
+    assert bytes(cache.vmlinux(str(copy), copy.read_bytes(), decompress)) == b"\x7fELF v"
+    assert decompress.calls == 1
+    assert len(list((tmp_path / "c" / BY_STAT).iterdir())) == 2  # both files indexed by their stat
+
+
+def test_a_changed_bzimage_is_decompressed_again(tmp_path, bzimage):
+    cache = KernelCache(tmp_path / "c")
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(b"old"))
+    bzimage.write_bytes(b"another kernel " * 700)  # same path, new bytes (and ctime)
+    new = Counting(b"new")
+    assert bytes(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == b"new" and new.calls == 1
+    assert bytes(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == b"new" and new.calls == 1
+
+
+def test_an_entry_cut_short_is_not_used(tmp_path, bzimage):
+    cache = KernelCache(tmp_path / "c")
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(b"\x7fELF complete kernel"))
+    (entry,) = (tmp_path / "c").glob(f"*{SUFFIX}")
+    entry.write_bytes(b"\x7fELF comp")  # a crash while writing, a full disk
+    again = Counting(b"\x7fELF complete kernel")
+    assert bytes(cache.vmlinux(str(bzimage), bzimage.read_bytes(), again)) == b"\x7fELF complete kernel"
+    assert again.calls == 1
+    assert (tmp_path / "c" / entry.name).read_bytes() == b"\x7fELF complete kernel"  # stored again
+
+
+def test_a_full_disk_costs_only_the_time(tmp_path, bzimage, monkeypatch, caplog):
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_mod.os, "replace", full)
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"kernel")
+    with caplog.at_level(logging.INFO, logger=cache_mod.__name__):
+        assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
+    assert entries(tmp_path / "c") == [] and not list((tmp_path / "c").glob(".tmp-*"))
+    assert "No space left on device" in caplog.text
+
+
+def test_no_cache_directory_costs_only_the_time(tmp_path, bzimage):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache, decompress = KernelCache(blocker / "c"), Counting(b"kernel")
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
+    assert decompress.calls == 2
+
+
+def test_the_least_recently_used_kernels_go_first(tmp_path):
+    cache = KernelCache(tmp_path / "c", max_entries=2)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"k{i}"
+        p.write_bytes(b"kernel %d " % i * 100)
+        paths.append(p)
+        cache.vmlinux(str(p), p.read_bytes(), Counting(b"v%d" % i))
+        os.utime(next(e for e in (tmp_path / "c").glob(f"*-2{SUFFIX}") if e.read_bytes() == b"v%d" % i),
+                 ns=(i * 10**9, i * 10**9))  # k0 oldest
+    kept = sorted((tmp_path / "c" / e).read_bytes() for e in entries(tmp_path / "c"))
+    assert kept == [b"v1", b"v2"]
+    assert all(link.exists() for link in (tmp_path / "c" / BY_STAT).iterdir())  # k0's link gone too
+    again = Counting(b"v0")
+    cache.vmlinux(str(paths[0]), paths[0].read_bytes(), again)
+    assert again.calls == 1
+
+
+def test_concurrent_writers_leave_one_complete_entry(tmp_path, bzimage):
+    data = os.urandom(4 * MiB)
+    results, start = [], threading.Barrier(4)
+
+    def boot():
+        start.wait()
+        results.append(bytes(KernelCache(tmp_path / "c").vmlinux(str(bzimage), bzimage.read_bytes(),
+                                                                   Counting(data))))
+
+    threads = [threading.Thread(target=boot) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [data] * 4
+    (entry,) = (tmp_path / "c").glob(f"*{SUFFIX}")
+    assert entry.read_bytes() == data and not list((tmp_path / "c").glob(".tmp-*"))
+
+
+def test_load_linux_boots_the_same_kernel_from_the_cache(tmp_path):
+    """The guest memory a cached boot leaves is the uncached one's, initrd (read from its file) included."""
+    elf = make_kernel_like_elf()
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(gzip.compress(elf)))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(os.urandom(3 * MiB + 5))
+    images = []
+    for kernel_cache in (None, KernelCache(tmp_path / "c"), KernelCache(tmp_path / "c")):
+        with GuestMemory(64 * MiB) as mem:
+            boot = load_linux(mem, str(kernel), str(initrd), "console=ttyS0", kernel_cache=kernel_cache)
+            assert mem.read(boot.initrd_start, boot.initrd_size) == initrd.read_bytes()
+            images.append((boot, mem.read(0, 64 * MiB)))
+    assert images[0] == images[1] == images[2]
+    assert len(entries(tmp_path / "c")) == 1
