@@ -205,6 +205,7 @@ class VirtioPciDevice(PciDevice):
 
     def __init__(self, device: VirtioDevice, *, irq, vm):
         self.device, self.irq, self.vm = device, irq, vm
+        self.name = device.name  # "virtio-blk": its BARs' name on the buses
         self.num_queues = len(device.queues)
         self.layout = layout = Bar0Layout(self.num_queues)
         self.device_cfg_length = len(device.config_bytes())

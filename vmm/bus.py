@@ -1,8 +1,10 @@
 """Port-I/O and MMIO address maps: an address range -> the device that answers it.
 
 A device implements `read(offset, size) -> int` and `write(offset, size, value)`,
-with `offset` relative to the start of its range.  Addresses nobody claims read
-as all-ones and swallow writes, as on a PC; each such address is logged once.
+with `offset` relative to the start of its range, and a short name for people
+("serial", "pci-config", "virtio-blk 00:01.0 bar0": `--stats` shows it).  Addresses
+nobody claims read as all-ones and swallow writes, as on a PC; each such address
+is logged once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Mapping:
     base: int
     length: int
     device: object
+    name: str
 
     @property
     def end(self) -> int:
@@ -38,7 +41,8 @@ class Bus:
         self._lock = threading.Lock()
         self._unclaimed_seen: set[int] = set()
 
-    def register(self, base: int, length: int, device) -> None:
+    def register(self, base: int, length: int, device, name: str | None = None) -> None:
+        """Map [base, base + length) to `device`, called `name` (default: its class's name)."""
         if length <= 0:
             raise ValueError("empty bus range")
         with self._lock:
@@ -47,7 +51,7 @@ class Bus:
                     raise BusConflict(f"{self.name} {base:#x}+{length:#x} overlaps {m.base:#x}+{m.length:#x}")
             i = bisect.bisect(self._bases, base)
             self._bases.insert(i, base)
-            self._maps.insert(i, Mapping(base, length, device))
+            self._maps.insert(i, Mapping(base, length, device, name or type(device).__name__))
 
     def unregister(self, base: int) -> None:
         with self._lock:
@@ -62,6 +66,11 @@ class Bus:
             if addr < m.end:
                 return m
         return None
+
+    def name_at(self, addr: int) -> str:
+        """The name of the device that answers `addr`, or "unassigned"."""
+        m = self.find(addr)
+        return "unassigned" if m is None else m.name
 
     def read(self, addr: int, size: int) -> int:
         m = self.find(addr)

@@ -78,12 +78,13 @@ class Machine:
         self._console_sink = console_out or self._make_sink(config.console)
         self._console_in = console_in
         self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
-        self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial)
-        self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset))
+        self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial, "serial")
+        self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset), "i8042")
         low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
-        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(mem_below_4g=low, mem_above_4g=high))
+        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(mem_below_4g=low, mem_above_4g=high), "cmos")
         self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
-                          AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset))
+                          AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset),
+                          "acpi-pm")
 
         self.fw_cfg = None
         if self.firmware is not None:
@@ -175,15 +176,15 @@ class Machine:
         from .devices.fw_cfg import BASE_PORT as FW_CFG_BASE, PORT_RANGE_SIZE as FW_CFG_SIZE, FwCfg
 
         pm1 = acpi_pm1.Pm1Control(on_poweroff=self.lifecycle.power_off)
-        self.pio.register(acpi_pm1.CONTROL_PORT, acpi_pm1.CONTROL_SIZE, pm1)
-        self.pio.register(acpi_pm1.EVENT_PORT, acpi_pm1.EVENT_SIZE, pm1.event)
+        self.pio.register(acpi_pm1.CONTROL_PORT, acpi_pm1.CONTROL_SIZE, pm1, "acpi-pm1")
+        self.pio.register(acpi_pm1.EVENT_PORT, acpi_pm1.EVENT_SIZE, pm1.event, "acpi-pm1-event")
         self.fw_cfg = FwCfg(self.mem)
-        self.pio.register(FW_CFG_BASE, FW_CFG_SIZE, self.fw_cfg)
+        self.pio.register(FW_CFG_BASE, FW_CFG_SIZE, self.fw_cfg, "fw-cfg")
         sink = debug_sink(self.config.firmware_log)
         if sink is not None:
             write, self._debugcon_close = sink
             self._debugcon = DebugConsole(write)
-            self.pio.register(DEBUGCON_PORT, 1, self._debugcon)
+            self.pio.register(DEBUGCON_PORT, 1, self._debugcon, "debugcon")
 
     def _boot_firmware(self) -> BootPlan:
         c = self.config

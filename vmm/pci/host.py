@@ -85,6 +85,7 @@ class PciDevice:
 
     config: PciConfigSpace
     intx_gsi: int | None = None
+    name = "pci-device"  # for people: where its BARs are on the buses (pyvmm run --stats)
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         return ones(size)
@@ -164,8 +165,8 @@ class PciHost:
         self._place(HOST_BRIDGE_SLOT, HostBridge())
         self.ecam = Ecam(self)
         self.config_ports = ConfigPorts(self)
-        pio.register(PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, self.config_ports)
-        mmio.register(layout.ecam_range[0], layout.ecam_size, self.ecam)
+        pio.register(PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, self.config_ports, "pci-config")
+        mmio.register(layout.ecam_range[0], layout.ecam_size, self.ecam, "pci-ecam")
 
     # -- devices ---------------------------------------------------------------------
     def add_device(self, device: PciDevice, *, enable: bool = True) -> int:
@@ -262,7 +263,8 @@ class PciHost:
                     del self._mapped[(slot, index)]
                 if want is not None:
                     try:
-                        bus.register(want, bar.size, BarRegion(device, index))
+                        bus.register(want, bar.size, BarRegion(device, index),
+                                     f"{device.name} 00:{slot:02x}.0 bar{index}")
                         self._mapped[(slot, index)] = want
                     except BusConflict as e:
                         # The guest put the BAR over something else: the region stays unreachable.
@@ -286,7 +288,7 @@ class PciHost:
             del self._rom_mapped[slot]
         if want is not None:
             try:
-                self.mmio.register(want, config.rom.size, config.rom)
+                self.mmio.register(want, config.rom.size, config.rom, f"{device.name} 00:{slot:02x}.0 rom")
                 self._rom_mapped[slot] = want
             except BusConflict as e:
                 log.warning("PCI 00:%02x.0 expansion ROM not mapped: %s", slot, e)
