@@ -1,7 +1,7 @@
 """Decompressed kernels kept on disk, so a second boot of a bzImage skips its decompression.
 
     cache = KernelCache(Path("~/.cache/pyvmm/vmlinux").expanduser())
-    vmlinux = cache.vmlinux(path, bzimage_bytes, decompress)   # bytes, or a view of the cached file
+    vmlinux = cache.vmlinux(path, bzimage_bytes, decompress)   # bytes, or the cached file, open
 
 An entry is the vmlinux ELF of one bzImage, named by the SHA-256 of the bzImage's bytes and
 its own length (`<sha256>-<length>.vmlinux`): a file cut short (a crash while writing, a full
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,9 @@ class KernelCache:
         self.directory = Path(directory)
         self.max_entries = max_entries
 
-    def vmlinux(self, path: str, bzimage: bytes, decompress: Callable[[], bytes]) -> bytes | memoryview:
-        """The vmlinux of the bzImage at `path` (whose bytes are `bzimage`): from the cache, or
-        `decompress()`ed and stored for next time."""
+    def vmlinux(self, path: str, bzimage: bytes, decompress: Callable[[], bytes]) -> bytes | BinaryIO:
+        """The vmlinux of the bzImage at `path` (whose bytes are `bzimage`): the cached file, open
+        for reading (the caller closes it), or `decompress()`ed and stored for next time."""
         try:
             key = stat_key(os.stat(path))
         except OSError:
@@ -68,17 +67,21 @@ class KernelCache:
             self._prune()
         return data
 
-    def _open(self, entry: Path) -> memoryview | None:
-        """A read-only view of a cached vmlinux, or None where there is none (or a damaged one)."""
+    def _open(self, entry: Path) -> BinaryIO | None:
+        """A cached vmlinux open for reading, or None where there is none (or a damaged one)."""
         try:
-            with open(entry, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if not entry.resolve().name.endswith(f"-{size}{SUFFIX}") or size == 0:
-                    return None  # cut short
-                view = memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
-            os.utime(entry)  # recently used
-            return view
+            f = open(entry, "rb")
         except OSError:
+            return None
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0 or not os.path.realpath(entry).endswith(f"-{size}{SUFFIX}"):
+                f.close()  # cut short
+                return None
+            os.utime(f.fileno())  # recently used
+            return f
+        except OSError:
+            f.close()
             return None
 
     def _store(self, name: str, data: bytes) -> Path | None:

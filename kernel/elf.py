@@ -191,11 +191,13 @@ class LoadedElf:
     low: int                # lowest physical address loaded
     high: int               # end (exclusive) of the highest physical range loaded
     pvh_entry: int | None   # XEN_ELFNOTE_PHYS32_ENTRY, for information
-    image: ElfImage = field(repr=False)
+    image: ElfImage | None = field(repr=False)
 
 
-def load_elf(mem: GuestMemory, data: bytes | ElfImage) -> LoadedElf:
-    """Copy the PT_LOAD segments of an ELF executable to their p_paddr in guest RAM."""
+def load_elf(mem: GuestMemory, data: bytes | ElfImage, source_fd: int | None = None) -> LoadedElf:
+    """Copy the PT_LOAD segments of an ELF executable to their p_paddr in guest RAM.  With
+    `source_fd`, the open ELF file the image was parsed from, segments go from the file into guest
+    memory in the kernel (GuestMemory.load_file) instead of through Python."""
     image = data if isinstance(data, ElfImage) else parse_elf(data)
     for ph in image.segments:
         if not mem.contains(ph.p_paddr, ph.p_memsz):
@@ -204,12 +206,16 @@ def load_elf(mem: GuestMemory, data: bytes | ElfImage) -> LoadedElf:
                 f"is not in guest RAM ({_ram_text(mem)})")
     for ph in image.segments:
         try:
-            dest = mem.view(ph.p_paddr, ph.p_memsz)
-            dest[: ph.p_filesz] = memoryview(image.data)[ph.p_offset : ph.p_offset + ph.p_filesz]
+            if source_fd is not None:
+                mem.load_file(ph.p_paddr, ph.p_filesz, source_fd, ph.p_offset)
+            else:
+                with mem.view(ph.p_paddr, ph.p_filesz) as dest:
+                    dest[:] = memoryview(image.data)[ph.p_offset : ph.p_offset + ph.p_filesz]
             mem.fill(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)
-            dest.release()
         except GuestMemoryError as e:  # checked above; kept for a clear message
             raise KernelImageError(str(e)) from e
+        except OSError as e:
+            raise KernelImageError(f"cannot read an ELF segment: {e.strerror}") from e
     return LoadedElf(image.entry, image.low, image.high, image.pvh_entry, image)
 
 

@@ -16,11 +16,13 @@ mode and [0, 4 GiB) identity-mapped (see kernel/layout.py for the page tables).
 
 from __future__ import annotations
 
+import dataclasses
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, GuestMemoryError
 
 from . import layout
 from .bootparams import DEFAULT_CMDLINE_SIZE, BootParams
@@ -175,17 +177,14 @@ def _initrd_size(initrd: bytes | BinaryIO | None) -> int:
 
 
 def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO) -> None:
-    """The initrd into guest memory: bytes copied, a file read straight in (no copy in Python)."""
+    """The initrd into guest memory: bytes copied, a file sent straight in (no copy in Python)."""
     if isinstance(initrd, (bytes, bytearray, memoryview)):
         mem.write(gpa, initrd)
         return
-    done = 0
-    with mem.view(gpa, size) as view:
-        while done < size:
-            n = os.preadv(initrd.fileno(), [view[done:]], done)
-            if n <= 0:
-                raise KernelImageError(f"initrd {initrd.name} shrank while it was read ({done} of {size} bytes)")
-            done += n
+    try:
+        mem.load_file(gpa, size, initrd.fileno())
+    except (OSError, GuestMemoryError) as e:
+        raise KernelImageError(f"cannot read initrd {initrd.name}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress):
@@ -194,7 +193,13 @@ def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decomp
     if image is not None:
         payload_format = detect_format(image.payload)
         kernel = decompress(image)
-    loaded = load_elf(mem, parse_elf(kernel))
+    if isinstance(kernel, (bytes, bytearray, memoryview)):
+        loaded = load_elf(mem, parse_elf(kernel))
+    else:  # a file (a cached kernel): headers read through a mapping, segments sent into guest memory
+        with kernel, mmap.mmap(kernel.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with memoryview(mapped) as view:
+                loaded = load_elf(mem, parse_elf(view), source_fd=kernel.fileno())
+                loaded = dataclasses.replace(loaded, image=None)  # (nothing keeps the mapping)
     if loaded.low < layout.HIMEM_START:
         raise KernelImageError(
             f"vmlinux loads at {loaded.low:#x}, below 1 MiB where pyvmm keeps boot data")
