@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from . import config, kit
 from .config.vm import CONSOLE_SYNTAX, DEFAULT_CMDLINE, ENTRIES, ON_REBOOT
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
 
+    run.add_argument("--stats", nargs="?", const="", metavar="PATH", help=(
+        "profile the vCPUs' exits: at the end of each boot (one table per boot with --on-reboot restart), on "
+        "stderr, per vCPU: kind, where (device, port or address), count, time in pyvmm, and the time in KVM_RUN; "
+        "with =PATH also write them as JSON to PATH, with the wall times of the process's start and of each "
+        "vCPU's first KVM_RUN"))
+
     run.add_argument("--firmware", nargs="?", const="", metavar="PATH", help=(
         "boot a PC BIOS image from the reset vector instead of a kernel: it boots the --disk images (or a NIC's "
         "option ROM); PATH defaults to Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin (package seabios)"))
@@ -79,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    main_start_wall = time.time()  # for --stats=PATH
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check()
         if args.command == "run":
-            return cmd_run(args)
+            return cmd_run(args, main_start_wall)
         build_parser().print_help()
         return EXIT_USAGE
     except (UsageError, config.ConfigError) as e:
@@ -116,7 +124,7 @@ def cmd_check() -> int:
     return EXIT_OK
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, main_start_wall: float | None = None) -> int:
     from kernel.errors import KernelImageError
     from virtio.backends.raw import ImageError
     from virtio.backends.tap import TapError
@@ -133,6 +141,7 @@ def cmd_run(args) -> int:
     first = True
     console_in = stdin_fd() if cfg.console == "stdio" else None
     stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
+    profiles: list[list] = []  # --stats: each boot's exit profiles, one per vCPU
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     while not stopped:
@@ -151,6 +160,9 @@ def cmd_run(args) -> int:
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
         finally:
             machine.close()
+        if cfg.stats:
+            profiles.append(machine.exit_stats)
+            report_exit_stats(cfg, profiles, main_start_wall)
         if reset and cfg.on_reboot == "restart":
             print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
@@ -158,6 +170,23 @@ def cmd_run(args) -> int:
             print(f"\npyvmm: {message}", file=sys.stderr)
         return status
     return EXIT_OK
+
+
+def report_exit_stats(cfg, profiles: list[list], main_start_wall: float | None) -> None:
+    """The last boot's exit profile on stderr; every boot's in the --stats=PATH file."""
+    from . import exit_stats
+
+    boot = f" of boot {len(profiles)}" if cfg.on_reboot == "restart" else ""
+    tables = "\n".join(exit_stats.render_table(s) for s in profiles[-1])
+    print(f"\npyvmm: exit profile{boot} (time in pyvmm: from KVM_RUN's return to the next KVM_RUN)\n{tables}",
+          file=sys.stderr)
+    if cfg.stats_json is not None:
+        report = exit_stats.report_json(profiles, process_start_wall=exit_stats.process_start_wall(),
+                                        main_start_wall=main_start_wall)
+        try:
+            exit_stats.write_report(cfg.stats_json, report)
+        except OSError as e:
+            raise UsageError(f"--stats: cannot write {cfg.stats_json}: {e.strerror}") from None
 
 
 if __name__ == "__main__":

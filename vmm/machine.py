@@ -112,9 +112,14 @@ class Machine:
         self._configure_vcpus()
         # Firmware may need an instruction that an emulating KVM lacks completed for it.
         fixup = ProtectedModeIret(self.mem) if self.firmware is not None else None
+        self.exit_stats = None  # --stats: each vCPU's exit profile, read once the vCPU threads have ended
+        if config.stats:
+            from .exit_stats import VcpuExitStats  # loaded only then: a plain start stays lean
+
+            self.exit_stats = [VcpuExitStats(v.id) for v in self.vcpus]
         self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle,
-                                   on_exit=fixup)
-                        for v in self.vcpus]
+                                   on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
+                        for i, v in enumerate(self.vcpus)]
         self.lifecycle.on_stop(self._kick_all)
 
     # -- assembly -------------------------------------------------------------------

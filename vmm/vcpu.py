@@ -23,7 +23,7 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu, *, pio, mmio, mem, lifecycle, on_exit=None):
+    def __init__(self, vcpu, *, pio, mmio, mem, lifecycle, on_exit=None, stats=None):
         super().__init__(name=f"vcpu{vcpu.id}", daemon=True)
         self.vcpu = vcpu
         self.pio = pio
@@ -32,6 +32,11 @@ class VcpuThread(threading.Thread):
         self.lifecycle = lifecycle
         self.on_exit = on_exit  # optional hook(vcpu_thread, exit) -> bool (handled), for tests and tools
         self.exits = 0
+        self._timed_run = None  # --stats: a TimedRun in place of vcpu.run, recording each exit into `stats`
+        if stats is not None:
+            from .exit_stats import TimedRun
+
+            self._timed_run = TimedRun(vcpu.run, stats, pio=pio, mmio=mmio)
 
     def run(self) -> None:
         set_os_thread_name(self.name)
@@ -40,6 +45,9 @@ class VcpuThread(threading.Thread):
         except Exception as e:  # our own bug: say what and where, stop the VM with status 1
             log.exception("vcpu%d: unexpected error", self.vcpu.id)
             self.lifecycle.stop(1, f"vcpu{self.vcpu.id}: internal error in pyvmm: {e}")
+        finally:
+            if self._timed_run is not None:
+                self._timed_run.finish()
 
     def kick(self) -> None:
         """Make KVM_RUN return (now if it is running, at once if it is about to)."""
@@ -53,8 +61,9 @@ class VcpuThread(threading.Thread):
     def _loop(self) -> None:
         vcpu, pio, mmio, lifecycle = self.vcpu, self.pio, self.mmio, self.lifecycle
         IoOut, IoIn, MmioRead, MmioWrite = exits.IoOut, exits.IoIn, exits.MmioRead, exits.MmioWrite
+        run = vcpu.run if self._timed_run is None else self._timed_run
         while not lifecycle.stopping:
-            ex = vcpu.run()
+            ex = run()
             self.exits += 1
             kind = type(ex)
             if self.on_exit is not None and self.on_exit(self, ex):

@@ -1,5 +1,6 @@
 """The VMM core through real KVM, with tiny guests in guest user mode (native on every KVM)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,20 @@ def test_port_and_mmio_exits_both_ways(tiny):
     assert mmio.writes == [(1, 1, 0x11), (2, 2, 0x1021), (4, 4, 0x10203041), (8, 8, 0x1020304050607081)]
 
 
+def test_stats_name_the_device_and_address_of_each_port_and_mmio_exit(tiny):
+    m = Machine(VmConfig(program=tiny("pio_mmio"), console="none", stats=True))
+    m.pio.register(0x510, 1, Recorder(), "test-port")
+    m.mmio.register(0xD0000000, 0x1000, Recorder(), "test-mmio")
+    assert run_machine(m) == 0
+    [stats] = m.exit_stats
+    assert {(r.kind, r.where): r.count for r in stats.rows.values()} == {
+        ("io-in", "test-port 0x510"): 3, ("io-out", "test-port 0x510"): 3,
+        ("mmio-read", "test-mmio 0xd0000000"): 4, ("mmio-write", "test-mmio 0xd0000001"): 1,
+        ("mmio-write", "test-mmio 0xd0000002"): 1, ("mmio-write", "test-mmio 0xd0000004"): 1,
+        ("mmio-write", "test-mmio 0xd0000008"): 1, ("io-out", "acpi-pm 0x600"): 1}  # the power-off
+    assert stats.kvm_runs == stats.exits == 15 and stats.kvm_run_ns > 0
+
+
 @pytest.mark.parametrize("cpus", [2, 4])
 def test_several_vcpus_run_at_once(tiny, cpus):
     m = Machine(VmConfig(program=tiny("smp"), cpus=cpus, console="none"))
@@ -148,6 +163,48 @@ def test_cli_runs_a_program_and_exits_0_on_poweroff(tiny):
     r = pyvmm("run", "--program", tiny("hello"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello from a guest in user mode\n"
+
+
+def test_stats_count_the_exits_the_guest_made(tiny, tmp_path):
+    """hello: for each of the 32 bytes of its line, one read of the UART's LSR (always ready) and one write
+    to its THR; then the power-off.  The table on stderr, the same as JSON in the file."""
+    path = tmp_path / "stats.json"
+    before = time.time()
+    r = pyvmm("run", "--program", tiny("hello"), f"--stats={path}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from a guest in user mode\n"
+    rows = {line.split()[0] + " " + " ".join(line.split()[1:3]): int(line.split()[3])
+            for line in r.stderr.splitlines() if line.startswith("  io-")}
+    assert rows == {"io-in serial 0x3fd": 32, "io-out serial 0x3f8": 32, "io-out acpi-pm 0x600": 1}, r.stderr
+    assert "KVM_RUN" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads(path.read_text())
+    [boot] = report["boots"]
+    [vcpu] = boot["vcpus"]
+    assert {(row["kind"], row["device"], row["address"]): row["count"] for row in vcpu["rows"]} == {
+        ("io-in", "serial", 0x3FD): 32, ("io-out", "serial", 0x3F8): 32, ("io-out", "acpi-pm", 0x600): 1}
+    assert vcpu["exits"] == vcpu["kvm_runs"] == 65 and vcpu["kvm_run_ns"] > 0 and vcpu["handling_ns"] > 0
+    assert before - 1 <= report["process_start_wall"] <= report["main_start_wall"] <= vcpu["first_kvm_run_wall"]
+    assert vcpu["first_kvm_run_wall"] <= time.time()
+
+
+def test_stats_after_each_boot_and_when_stopped_by_a_signal(tiny, tmp_path):
+    path = tmp_path / "stats.json"
+    p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "--program", tiny("reboot"), "--on-reboot",
+                          "restart", "--console", "none", f"--stats={path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not path.exists() or path.read_text().count('"vcpu": 0') < 2):
+            time.sleep(0.1)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    boots = json.loads(path.read_text())["boots"]
+    assert len(boots) >= 2 and err.count("pyvmm: exit profile of boot ") == len(boots)
+    for boot in boots[:-1]:  # each whole boot: "boot\n" on the UART, then the reset
+        counts = {row["where"]: row["count"] for row in boot["vcpus"][0]["rows"]}
+        assert counts == {"serial 0x3f8": 5, "i8042 0x64": 1}
 
 
 def test_fatal_exit_prints_registers_and_exits_1(tiny):

@@ -62,6 +62,17 @@ def test_from_dict_errors(options, message):
         VmConfig.from_dict(options)
 
 
+def test_stats_option(kernel):
+    assert (VmConfig.from_dict({}).stats, VmConfig.from_dict({}).stats_json) == (False, None)
+    for value, json_path in ((True, None), ("", None), ("out.json", "out.json")):
+        c = VmConfig.from_dict({"stats": value})
+        assert (c.stats, c.stats_json) == (True, json_path)
+    c = config.from_args(cli.build_parser().parse_args(["run", "--program", kernel, "--stats"]))
+    assert (c.stats, c.stats_json) == (True, None)
+    with pytest.raises(ConfigError, match="--stats 3"):
+        VmConfig.from_dict({"stats": 3})
+
+
 def test_config_is_frozen():
     c = VmConfig(disks=[DiskSpec("a.img")])
     assert c.disks == (DiskSpec("a.img"),)
@@ -120,6 +131,8 @@ def test_console_file_in_a_missing_directory_exits_2():
     (["--firmware", "/no/such/bios.bin"], ["--firmware", "does not exist"]),
     (["--firmware", "{bios}", "--firmware-log", "/no/such/dir/log"], ["--firmware-log", "does not exist"]),
     (["--firmware", "{bios}", "--net", "tap=t0,rom=/no/such.rom"], ["rom", "/no/such.rom"]),
+    (["--stats=/no/such/dir/stats.json"], ["--stats", "/no/such/dir", "does not exist"]),
+    (["--stats={tmp}"], ["--stats", "is a directory"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, kernel, args, words):
     bios = tmp_path / "bios.bin"
@@ -128,6 +141,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, kernel, args, words)
     if not {"--kernel", "--program", "--firmware"} & set(args):
         args = ["--kernel", kernel, *args]
     one_line_error(*run_main(capsys, *args), *words)
+
+
+def test_stats_file_that_cannot_be_written_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path, kernel):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    one_line_error(*run_main(capsys, "--kernel", kernel, f"--stats={tmp_path}/stats.json"), "--stats",
+                   f"{tmp_path}/stats.json", "not writable")
 
 
 @pytest.mark.parametrize("option", ["--kernel", "--initrd", "--disk"])

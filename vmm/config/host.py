@@ -18,6 +18,8 @@ def check_host(c: VmConfig) -> VmConfig:
     """ConfigError unless the files `c` names can be used; `c` with the host's defaults filled in."""
     if c.console.startswith("file:"):
         writable_file(c.console[len("file:"):], f"--console {c.console}:")
+    if c.stats_json is not None:
+        writable_file(c.stats_json, "--stats:")
     for disk in c.disks:
         if not os.path.exists(disk.path):
             raise ConfigError(f"--disk: {disk.path} does not exist")
@@ -70,7 +72,7 @@ def readable(path: str, what: str) -> str:
 
 
 def writable_file(path: str, what: str) -> str:
-    """A file pyvmm appends to (created if missing): its directory must exist."""
+    """A file pyvmm writes or appends to (created if missing): its directory must exist."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ConfigError(f"{what} directory {parent} does not exist")

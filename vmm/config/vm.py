@@ -21,7 +21,7 @@ CONSOLE_SYNTAX = "stdio, file:PATH or none"
 ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: the kernel's own entry
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
-           "disk", "net", "name", "program", "firmware", "boot", "firmware_log")
+           "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class VmConfig:
     firmware: str | None = None        # a BIOS image to boot instead of a kernel ("": the default one)
     boot_order: tuple[BootItem, ...] | None = None  # firmware boot order; None: disks, then NICs
     firmware_log: str | None = None    # where the firmware's debug port (0x402) output goes
+    stats: bool = False                # profile the vCPUs' exits (vmm/exit_stats.py), a table on stderr
+    stats_json: str | None = None      # and the same as JSON in this file
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -63,6 +65,7 @@ def from_dict(d: dict) -> VmConfig:
     common = dict(mem_size=_mem(d.get("mem", DEFAULT_MEM)), cpus=_cpus(d.get("cpus", 1)),
                   console=_console(d.get("console", "stdio")), cpuid_mask=_cpuid_mask(d.get("cpuid_mask", "auto")),
                   on_reboot=_choice(d, "on_reboot", ON_REBOOT), name=str(d.get("name", "pyvmm")),
+                  **_stats(d.get("stats", False)),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
     if "firmware" in d:
@@ -108,6 +111,15 @@ def _console(console: str) -> str:
     if not (console in ("stdio", "none") or console.startswith("file:") and len(console) > 5):
         raise ConfigError(f"--console {console!r}: use {CONSOLE_SYNTAX}")
     return console
+
+
+def _stats(value) -> dict:
+    """--stats: True or "" for the table alone, a PATH for the JSON too, False for neither."""
+    if isinstance(value, bool):
+        return dict(stats=value)
+    if not isinstance(value, str):
+        raise ConfigError(f"--stats {value!r}: give nothing, or a PATH for the JSON")
+    return dict(stats=True, stats_json=value or None)
 
 
 def _cpuid_mask(value) -> tuple[str, ...] | None:
