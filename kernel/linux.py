@@ -20,6 +20,7 @@ import dataclasses
 import mmap
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from vmm.memory import GuestMemory, GuestMemoryError
@@ -76,10 +77,7 @@ def load_linux(mem: GuestMemory, kernel_path: str, initrd_path: str | None = Non
     The initrd goes from its file straight into guest memory.
     """
     kernel = _read(kernel_path, "kernel")
-    decompress = _decompress
-    if kernel_cache is not None:
-        def decompress(image: BzImage) -> bytes | memoryview:
-            return kernel_cache.vmlinux(kernel_path, kernel, lambda: _decompress(image))
+    decompress = _decompress if kernel_cache is None else partial(_from_cache, kernel_cache, kernel_path, kernel)
     if initrd_path is None:
         return load_linux_image(mem, kernel, None, cmdline, entry=entry, reserved=reserved,
                                 acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress)
@@ -95,7 +93,7 @@ def load_linux(mem: GuestMemory, kernel_path: str, initrd_path: str | None = Non
 def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO | None = None,
                      cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
                      acpi_rsdp_addr: int | None = None,
-                     decompress: Callable[[BzImage], bytes | memoryview] | None = None) -> LinuxBoot:
+                     decompress: Callable[[BzImage], bytes | BinaryIO] | None = None) -> LinuxBoot:
     """load_linux for a kernel already in memory; the initrd as bytes or an open file.
     `decompress(image)` gives a bzImage's vmlinux (default: decompress its payload)."""
     if entry not in ENTRY_MODES:
@@ -168,6 +166,10 @@ def _read(path: str, what: str) -> bytes:
 
 def _decompress(image: BzImage) -> bytes:
     return decompress_payload(image.payload)
+
+
+def _from_cache(cache: KernelCache, path: str, kernel: bytes, image: BzImage) -> bytes | BinaryIO:
+    return cache.vmlinux(path, kernel, lambda: _decompress(image))
 
 
 def _initrd_size(initrd: bytes | BinaryIO | None) -> int:
