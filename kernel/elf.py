@@ -199,11 +199,22 @@ def load_elf(mem: GuestMemory, data: bytes | ElfImage, source_fd: int | None = N
     `source_fd`, the open ELF file the image was parsed from, segments go from the file into guest
     memory in the kernel (GuestMemory.load_file) instead of through Python."""
     image = data if isinstance(data, ElfImage) else parse_elf(data)
+    check_fits(mem, image)
+    copy_segments(mem, image, source_fd)
+    return LoadedElf(image.entry, image.low, image.high, image.pvh_entry, image)
+
+
+def check_fits(mem: GuestMemory, image: ElfImage) -> None:
+    """KernelImageError unless every PT_LOAD segment lies in guest RAM."""
     for ph in image.segments:
         if not mem.contains(ph.p_paddr, ph.p_memsz):
             raise KernelImageError(
                 f"ELF segment [{ph.p_paddr:#x}, {ph.p_paddr + ph.p_memsz:#x}) "
                 f"is not in guest RAM ({_ram_text(mem)})")
+
+
+def copy_segments(mem: GuestMemory, image: ElfImage, source_fd: int | None = None) -> None:
+    """The segments' bytes into guest RAM (checked by check_fits), the rest of p_memsz zeroed."""
     for ph in image.segments:
         try:
             if source_fd is not None:
@@ -212,11 +223,10 @@ def load_elf(mem: GuestMemory, data: bytes | ElfImage, source_fd: int | None = N
                 with mem.view(ph.p_paddr, ph.p_filesz) as dest:
                     dest[:] = memoryview(image.data)[ph.p_offset : ph.p_offset + ph.p_filesz]
             mem.fill(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)
-        except GuestMemoryError as e:  # checked above; kept for a clear message
+        except GuestMemoryError as e:  # checked by check_fits; kept for a clear message
             raise KernelImageError(str(e)) from e
         except OSError as e:
             raise KernelImageError(f"cannot read an ELF segment: {e.strerror}") from e
-    return LoadedElf(image.entry, image.low, image.high, image.pvh_entry, image)
 
 
 def _ram_text(mem: GuestMemory) -> str:

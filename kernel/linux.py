@@ -16,9 +16,9 @@ mode and [0, 4 GiB) identity-mapped (see kernel/layout.py for the page tables).
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, BinaryIO, Callable
@@ -30,7 +30,7 @@ from .bootparams import DEFAULT_CMDLINE_SIZE, BootParams
 from .bzimage import STARTUP_64_OFFSET, BzImage, is_bzimage, parse_bzimage
 from .decompress import decompress_payload, detect_format
 from .e820 import E820Entry, build_e820, usable_ranges
-from .elf import is_elf, load_elf, parse_elf
+from .elf import ElfImage, LoadedElf, check_fits, copy_segments, is_elf, load_elf, parse_elf
 from .errors import KernelImageError
 
 if TYPE_CHECKING:
@@ -111,10 +111,24 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO |
     elif entry == "bzimage":
         raise KernelImageError("the bzimage entry needs a bzImage, but the kernel is an ELF file")
 
+    background = _Background()  # the kernel's and the initrd's bytes, moving while the rest is set up
+    try:
+        boot = _place_and_load(mem, image, kernel, initrd, cmdline, entry=entry, reserved=reserved,
+                               acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress or _decompress,
+                               background=background)
+    except BaseException:
+        background.wait(raise_errors=False)  # (nothing may write guest memory once we return)
+        raise
+    background.wait()
+    return boot
+
+
+def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, initrd, cmdline, *, entry: str,
+                    reserved, acpi_rsdp_addr: int | None, decompress, background: _Background) -> LinuxBoot:
     if entry == "bzimage":
         placed = _load_protected_mode_kernel(mem, image)
     else:
-        placed = _load_vmlinux(mem, image, kernel, decompress or _decompress)
+        placed = _load_vmlinux(mem, image, kernel, decompress, background)
     entry_point, kernel_start, kernel_end, payload_format, pvh_entry = placed
 
     params = BootParams(image.setup_header_bytes if image else None)
@@ -133,7 +147,7 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO |
         addr_max = image.header.initrd_addr_max if image else DEFAULT_INITRD_ADDR_MAX
         initrd_start = place_initrd(e820, initrd_size, limit=min(addr_max + 1, INITRD_LIMIT),
                                     avoid=[(kernel_start, kernel_end)])
-        _put_initrd(mem, initrd_start, initrd_size, initrd)
+        _put_initrd(mem, initrd_start, initrd_size, initrd, background)
         params.set_initrd(initrd_start, initrd_size)
 
     if acpi_rsdp_addr is not None:
@@ -164,6 +178,33 @@ def _read(path: str, what: str) -> bytes:
         raise KernelImageError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
+class _Background:
+    """Loads that move data in the kernel (sendfile: the GIL released) run in threads beside the rest
+    of load_linux_image: the kernel's segments and the initrd side by side.  `wait` joins them and
+    raises the first failure (with `raise_errors` false, after another error: only joins)."""
+
+    def __init__(self):
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+
+    def run(self, load: Callable[[], None]) -> None:
+        def body():
+            try:
+                load()
+            except BaseException as e:  # raised again by wait(), in the loading thread
+                self._errors.append(e)
+
+        thread = threading.Thread(target=body, name="pyvmm-load", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def wait(self, raise_errors: bool = True) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._errors and raise_errors:
+            raise self._errors[0]
+
+
 def _decompress(image: BzImage) -> bytes:
     return decompress_payload(image.payload)
 
@@ -178,18 +219,22 @@ def _initrd_size(initrd: bytes | BinaryIO | None) -> int:
     return len(initrd) if isinstance(initrd, (bytes, bytearray, memoryview)) else os.fstat(initrd.fileno()).st_size
 
 
-def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO) -> None:
+def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO, background: _Background) -> None:
     """The initrd into guest memory: bytes copied, a file sent straight in (no copy in Python)."""
     if isinstance(initrd, (bytes, bytearray, memoryview)):
         mem.write(gpa, initrd)
         return
-    try:
-        mem.load_file(gpa, size, initrd.fileno())
-    except (OSError, GuestMemoryError) as e:
-        raise KernelImageError(f"cannot read initrd {initrd.name}: {getattr(e, 'strerror', None) or e}") from e
+
+    def load():
+        try:
+            mem.load_file(gpa, size, initrd.fileno())
+        except (OSError, GuestMemoryError) as e:
+            raise KernelImageError(f"cannot read initrd {initrd.name}: {getattr(e, 'strerror', None) or e}") from e
+
+    background.run(load)
 
 
-def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress):
+def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress, background: _Background):
     """Load the vmlinux ELF (from the bzImage payload through `decompress`, or the file itself)."""
     payload_format = None
     if image is not None:
@@ -197,11 +242,15 @@ def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decomp
         kernel = decompress(image)
     if isinstance(kernel, (bytes, bytearray, memoryview)):
         loaded = load_elf(mem, parse_elf(kernel))
-    else:  # a file (a cached kernel): headers read through a mapping, segments sent into guest memory
-        with kernel, mmap.mmap(kernel.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            with memoryview(mapped) as view:
-                loaded = load_elf(mem, parse_elf(view), source_fd=kernel.fileno())
-                loaded = dataclasses.replace(loaded, image=None)  # (nothing keeps the mapping)
+    else:  # a file (a cached kernel): headers read through a mapping, segments sent in the background
+        try:
+            elf = parse_elf(memoryview(mmap.mmap(kernel.fileno(), 0, access=mmap.ACCESS_READ)))
+            check_fits(mem, elf)
+        except BaseException:
+            kernel.close()
+            raise
+        loaded = LoadedElf(elf.entry, elf.low, elf.high, elf.pvh_entry, None)
+        background.run(partial(_copy_and_close, mem, elf, kernel))
     if loaded.low < layout.HIMEM_START:
         raise KernelImageError(
             f"vmlinux loads at {loaded.low:#x}, below 1 MiB where pyvmm keeps boot data")
@@ -209,6 +258,11 @@ def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decomp
     if image is not None:
         end = max(end, loaded.low + image.header.init_size)
     return loaded.entry, loaded.low, end, payload_format, loaded.pvh_entry
+
+
+def _copy_and_close(mem: GuestMemory, elf: ElfImage, file: BinaryIO) -> None:
+    with file:
+        copy_segments(mem, elf, file.fileno())
 
 
 def _load_protected_mode_kernel(mem: GuestMemory, image: BzImage):

@@ -1,4 +1,5 @@
-"""kernel/cache.py: decompressed kernels on disk, and load_linux taking its kernel from there."""
+"""kernel/cache.py: decompressed kernels on disk, and load_linux taking its kernel from there
+(its segments and the initrd loaded side by side in threads)."""
 
 import errno
 import gzip
@@ -6,11 +7,13 @@ import hashlib
 import logging
 import os
 import threading
+import time
 
 import pytest
 
 from kernel import cache as cache_mod
 from kernel.cache import BY_STAT, SUFFIX, KernelCache
+from kernel.errors import KernelImageError
 from kernel.linux import load_linux
 from tests.unit.test_bzimage import make_bzimage
 from tests.unit.test_elf import make_kernel_like_elf
@@ -163,3 +166,32 @@ def test_load_linux_boots_the_same_kernel_from_the_cache(tmp_path):
             images.append((boot, mem.read(0, 64 * MiB)))
     assert images[0] == images[1] == images[2]
     assert len(entries(tmp_path / "c")) == 1
+
+
+@pytest.mark.parametrize("failing", ["kernel", "initrd"])
+def test_a_failed_load_in_the_background_fails_the_boot(tmp_path, monkeypatch, failing):
+    """The cached kernel's segments and the initrd move in threads; an I/O error in either is the
+    boot's KernelImageError, raised only once both threads are done with guest memory."""
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(gzip.compress(make_kernel_like_elf())))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(os.urandom(MiB))
+    cache = KernelCache(tmp_path / "c")
+    with GuestMemory(64 * MiB) as mem:
+        load_linux(mem, str(kernel), str(initrd), kernel_cache=cache)  # (now cached: a file)
+        real = GuestMemory.load_file
+        done = []
+
+        def load_file(self, gpa, length, fd, offset=0):
+            time.sleep(0.05)
+            if (failing == "initrd") == (length == MiB):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(self, gpa, length, fd, offset)
+            done.append(gpa)
+
+        monkeypatch.setattr(GuestMemory, "load_file", load_file)
+        message = "cannot read initrd" if failing == "initrd" else "cannot read an ELF segment"
+        with pytest.raises(KernelImageError, match=f"{message}.*Input/output error"):
+            load_linux(mem, str(kernel), str(initrd), kernel_cache=cache)
+        assert done  # the other load ran to its end before the error came back
+        assert not [t for t in threading.enumerate() if t.name == "pyvmm-load"]
