@@ -262,19 +262,19 @@ def test_layout_matches_acpi_description():
     layout = DEFAULT_LAYOUT
     layout.check()
     cfg = pci_host_config()
-    assert cfg.ecam_base == 0xE000_0000 and cfg.ecam_range() == (0xE000_0000, 0xEFFF_FFFF)
+    assert cfg.ecam_base == 0xE000_0000 and cfg.ecam_range() == (0xE000_0000, 0xE00F_FFFF)
     assert layout.ecam_range == cfg.ecam_range()
     assert cfg.mmio32_window == (0xC000_0000, 0xDFFF_FFFF)
     assert cfg.mmio64_window == (0x10_0000_0000, 0x1F_FFFF_FFFF)
     assert cfg.io_window == (0x1000, 0xFFFF)
-    assert (cfg.bus_start, cfg.bus_end) == (0, 255)
-    assert layout.e820_reserved() == [(0xE000_0000, 256 * MiB)]
+    assert (cfg.bus_start, cfg.bus_end) == (0, 0)  # the one bus PciHost has: Linux probes no other
+    assert layout.e820_reserved() == [(0xE000_0000, 1 * MiB)]
     config = acpi.AcpiConfig(num_cpus=1, pci=cfg)
     acpi.validate(config)
     tables = acpi.build(config, rsdp_addr=0xE0000)
     assert tables  # DSDT and MCFG build from it
     with pytest.raises(ValueError):
-        PciLayout(mmio32_window=(0xC000_0000, 0xE7FF_FFFF)).check()  # over ECAM
+        PciLayout(mmio32_window=(0xC000_0000, 0xE00F_FFFF)).check()  # over ECAM
     with pytest.raises(ValueError):
         PciLayout(mmio32_window=(0x8000_0000, 0xBFFF_FFFF)).check()  # over RAM
     with pytest.raises(ValueError):
