@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, BinaryIO, Callable
@@ -32,6 +31,7 @@ from .decompress import decompress_payload, detect_format
 from .e820 import E820Entry, build_e820, usable_ranges
 from .elf import ElfImage, LoadedElf, check_fits, copy_segments, is_elf, load_elf, parse_elf
 from .errors import KernelImageError
+from .loads import BackgroundLoads
 
 if TYPE_CHECKING:
     from .cache import KernelCache
@@ -68,34 +68,43 @@ class LinuxBoot:
 
 def load_linux(mem: GuestMemory, kernel_path: str, initrd_path: str | None = None,
                cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
-               acpi_rsdp_addr: int | None = None, kernel_cache: KernelCache | None = None) -> LinuxBoot:
+               acpi_rsdp_addr: int | None = None, kernel_cache: KernelCache | None = None,
+               loads: BackgroundLoads | None = None) -> LinuxBoot:
     """Load kernel (bzImage or vmlinux ELF), initrd and command line; fill the zero page.
 
     `reserved` holds extra e820 ranges ((addr, size[, type]) or E820Entry) the
     machine declares; `acpi_rsdp_addr` goes to boot_params.acpi_rsdp_addr.  With a
     `kernel_cache`, a bzImage's decompressed kernel comes from there (and goes there).
-    The initrd goes from its file straight into guest memory.
+    The initrd, and a cached kernel's segments, go from their files straight into guest
+    memory in the background: with `loads` given they may still be moving on return (the
+    caller waits: kernel/loads.py), without, load_linux waits for them.
     """
     kernel = _read(kernel_path, "kernel")
     decompress = _decompress if kernel_cache is None else partial(_from_cache, kernel_cache, kernel_path, kernel)
-    if initrd_path is None:
-        return load_linux_image(mem, kernel, None, cmdline, entry=entry, reserved=reserved,
-                                acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress)
-    try:
-        initrd = open(initrd_path, "rb")
-    except OSError as e:
-        raise KernelImageError(f"cannot read initrd {initrd_path}: {e.strerror}") from e
-    with initrd:
+    initrd = None
+    if initrd_path is not None:
+        try:
+            initrd = open(initrd_path, "rb")
+        except OSError as e:
+            raise KernelImageError(f"cannot read initrd {initrd_path}: {e.strerror}") from e
+
+    def load(*, loads: BackgroundLoads) -> LinuxBoot:
+        if initrd is not None:
+            loads.close_when_done(initrd)
         return load_linux_image(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                                acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress)
+                                acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress, loads=loads)
+
+    return _with_loads(loads, load)
 
 
 def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO | None = None,
                      cmdline: str | bytes = "", *, entry: str = "vmlinux", reserved=(),
                      acpi_rsdp_addr: int | None = None,
-                     decompress: Callable[[BzImage], bytes | BinaryIO] | None = None) -> LinuxBoot:
+                     decompress: Callable[[BzImage], bytes | BinaryIO] | None = None,
+                     loads: BackgroundLoads | None = None) -> LinuxBoot:
     """load_linux for a kernel already in memory; the initrd as bytes or an open file.
-    `decompress(image)` gives a bzImage's vmlinux (default: decompress its payload)."""
+    `decompress(image)` gives a bzImage's vmlinux (default: decompress its payload); `loads` as
+    for load_linux."""
     if entry not in ENTRY_MODES:
         raise ValueError(f"entry must be one of {ENTRY_MODES}, not {entry!r}")
     for what, gpa, size in (("zero page", layout.ZERO_PAGE, layout.ZERO_PAGE_SIZE),
@@ -111,24 +120,32 @@ def load_linux_image(mem: GuestMemory, kernel: bytes, initrd: bytes | BinaryIO |
     elif entry == "bzimage":
         raise KernelImageError("the bzimage entry needs a bzImage, but the kernel is an ELF file")
 
-    background = _Background()  # the kernel's and the initrd's bytes, moving while the rest is set up
+    return _with_loads(loads, partial(_place_and_load, mem, image, kernel, initrd, cmdline, entry=entry,
+                                      reserved=reserved, acpi_rsdp_addr=acpi_rsdp_addr,
+                                      decompress=decompress or _decompress))
+
+
+def _with_loads(loads: BackgroundLoads | None, work: Callable[..., LinuxBoot]) -> LinuxBoot:
+    """work(loads=...): with the caller's `loads` (it waits for them), or with loads of our own, waited
+    for before returning, also on an error (nothing may write guest memory once we return)."""
+    if loads is not None:
+        return work(loads=loads)
+    own = BackgroundLoads()
     try:
-        boot = _place_and_load(mem, image, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                               acpi_rsdp_addr=acpi_rsdp_addr, decompress=decompress or _decompress,
-                               background=background)
+        boot = work(loads=own)
     except BaseException:
-        background.wait(raise_errors=False)  # (nothing may write guest memory once we return)
+        own.wait(raise_errors=False)
         raise
-    background.wait()
+    own.wait()
     return boot
 
 
 def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, initrd, cmdline, *, entry: str,
-                    reserved, acpi_rsdp_addr: int | None, decompress, background: _Background) -> LinuxBoot:
+                    reserved, acpi_rsdp_addr: int | None, decompress, loads: BackgroundLoads) -> LinuxBoot:
     if entry == "bzimage":
         placed = _load_protected_mode_kernel(mem, image)
     else:
-        placed = _load_vmlinux(mem, image, kernel, decompress, background)
+        placed = _load_vmlinux(mem, image, kernel, decompress, loads)
     entry_point, kernel_start, kernel_end, payload_format, pvh_entry = placed
 
     params = BootParams(image.setup_header_bytes if image else None)
@@ -147,7 +164,7 @@ def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, init
         addr_max = image.header.initrd_addr_max if image else DEFAULT_INITRD_ADDR_MAX
         initrd_start = place_initrd(e820, initrd_size, limit=min(addr_max + 1, INITRD_LIMIT),
                                     avoid=[(kernel_start, kernel_end)])
-        _put_initrd(mem, initrd_start, initrd_size, initrd, background)
+        _put_initrd(mem, initrd_start, initrd_size, initrd, loads)
         params.set_initrd(initrd_start, initrd_size)
 
     if acpi_rsdp_addr is not None:
@@ -178,33 +195,6 @@ def _read(path: str, what: str) -> bytes:
         raise KernelImageError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
-class _Background:
-    """Loads that move data in the kernel (sendfile: the GIL released) run in threads beside the rest
-    of load_linux_image: the kernel's segments and the initrd side by side.  `wait` joins them and
-    raises the first failure (with `raise_errors` false, after another error: only joins)."""
-
-    def __init__(self):
-        self._threads: list[threading.Thread] = []
-        self._errors: list[BaseException] = []
-
-    def run(self, load: Callable[[], None]) -> None:
-        def body():
-            try:
-                load()
-            except BaseException as e:  # raised again by wait(), in the loading thread
-                self._errors.append(e)
-
-        thread = threading.Thread(target=body, name="pyvmm-load", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def wait(self, raise_errors: bool = True) -> None:
-        for thread in self._threads:
-            thread.join()
-        if self._errors and raise_errors:
-            raise self._errors[0]
-
-
 def _decompress(image: BzImage) -> bytes:
     return decompress_payload(image.payload)
 
@@ -219,7 +209,7 @@ def _initrd_size(initrd: bytes | BinaryIO | None) -> int:
     return len(initrd) if isinstance(initrd, (bytes, bytearray, memoryview)) else os.fstat(initrd.fileno()).st_size
 
 
-def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO, background: _Background) -> None:
+def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO, loads: BackgroundLoads) -> None:
     """The initrd into guest memory: bytes copied, a file sent straight in (no copy in Python)."""
     if isinstance(initrd, (bytes, bytearray, memoryview)):
         mem.write(gpa, initrd)
@@ -231,10 +221,10 @@ def _put_initrd(mem: GuestMemory, gpa: int, size: int, initrd: bytes | BinaryIO,
         except (OSError, GuestMemoryError) as e:
             raise KernelImageError(f"cannot read initrd {initrd.name}: {getattr(e, 'strerror', None) or e}") from e
 
-    background.run(load)
+    loads.run(load)
 
 
-def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress, background: _Background):
+def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decompress, loads: BackgroundLoads):
     """Load the vmlinux ELF (from the bzImage payload through `decompress`, or the file itself)."""
     payload_format = None
     if image is not None:
@@ -250,7 +240,7 @@ def _load_vmlinux(mem: GuestMemory, image: BzImage | None, kernel: bytes, decomp
             kernel.close()
             raise
         loaded = LoadedElf(elf.entry, elf.low, elf.high, elf.pvh_entry, None)
-        background.run(partial(_copy_and_close, mem, elf, kernel))
+        loads.run(partial(_copy_and_close, mem, elf, kernel))
     if loaded.low < layout.HIMEM_START:
         raise KernelImageError(
             f"vmlinux loads at {loaded.low:#x}, below 1 MiB where pyvmm keeps boot data")

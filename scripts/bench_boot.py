@@ -8,10 +8,11 @@
   only execve and ioctl stop).  Warm: page cache, pyvmm's caches (decompressed kernel, KVM-mode verdict)
   and byte code in place, after one run not counted.  Cold: once, after dropping the page cache (root)
   with pyvmm's caches and byte code empty.  pyvmm's own figure (`--stats`, no tracer) beside it.
-- boot (in the nested KVM of ../shared/README.md, both VMMs in the same L1): from start to the kit's
-  PYVMM-READY line, and to the VMM's exit after `poweroff -f`; the VMM's resident memory at the ready
-  line, split into guest RAM (the mapping that holds it) and the rest; pyvmm's exit profile
-  (`--stats`) of a boot.  One boot of each VMM first, not counted (page cache, byte code, caches).
+- boot (in the nested KVM of ../shared/README.md, both VMMs in the same L1): from start to the
+  console's first line, to the kit's PYVMM-READY line, and to the VMM's exit after `poweroff -f`; the
+  VMM's resident memory at the ready line, split into guest RAM (the mapping that holds it) and the
+  rest; pyvmm's exit profile (`--stats`) of a boot.  One boot of each VMM first, not counted (page
+  cache, byte code, caches).
 Medians and spread (min-max), ratios to QEMU microvm.  Prints a table and writes JSON.  Not a test:
 nothing asserts.
 """
@@ -195,7 +196,8 @@ FAILED_BOOTS: dict[str, list[str]] = {}  # VMM -> the end of each failed try's c
 
 def boot(argv: list[str], timeout: float = 600, env: dict | None = None) -> dict:
     """Run a VMM to its exit, at most BOOT_TRIES times; of the first try that ran the guest's command:
-    ready_s, exit_s (from start), console, and rss (at the ready line: guest RAM and the rest, KiB).
+    first_line_s (the console's first line: the kernel's, `quiet` keeps it late), ready_s, exit_s (all
+    from start), console, and rss (at the ready line: guest RAM and the rest, KiB).
     Each failed try is kept in FAILED_BOOTS."""
     for attempt in range(BOOT_TRIES):
         try:
@@ -214,10 +216,12 @@ def _boot_once(argv: list[str], timeout: float, env: dict | None) -> dict:
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
-    ready, rss, lines = None, None, []
+    first, ready, rss, lines = None, None, None, []
     try:
         for line in proc.stdout:
             lines.append(line)
+            if first is None and line.strip():
+                first = time.monotonic() - start
             if ready is None and "PYVMM-READY" in line:
                 ready = time.monotonic() - start
                 rss = resident_split(proc.pid)
@@ -231,7 +235,8 @@ def _boot_once(argv: list[str], timeout: float, env: dict | None) -> dict:
     console = "".join(lines).replace("\r", "")
     if "PYVMM-EXIT=0" not in console:
         raise GuestFailed(f"{argv[0]}: the guest did not finish its command:\n{console[-1500:]}")
-    return {"ready_s": ready, "exit_s": time.monotonic() - start, "console": console, "rss": rss}
+    return {"first_line_s": first, "ready_s": ready, "exit_s": time.monotonic() - start, "console": console,
+            "rss": rss}
 
 
 def resident_split(pid: int) -> dict | None:
@@ -271,6 +276,7 @@ def bench_boot(boots: int, stats_path: Path) -> dict:
         boot(argv_for("true"), env=env)  # page cache, byte code, pyvmm's caches: not counted
         runs = [boot(argv_for("true"), env=env) for _ in range(boots)]
         results[name] = {
+            "first_line_s": spread([r["first_line_s"] for r in runs]),
             "ready_s": spread([r["ready_s"] for r in runs]),
             "exit_s": spread([r["exit_s"] for r in runs]),
             "rss_at_ready_kib": [r["rss"] for r in runs],
@@ -306,11 +312,13 @@ def table(results: dict) -> str:
         lines.append("")
         lines.append(f"boot (nested KVM, L1 shmem THP: {booted['l1_shmem_thp']}): the kit kernel, "
                      f"{CPUS} vCPUs, {MEM}")
-        lines.append(f"{'':<16}{'ready s':>9}{'exit s':>9}{'exit vs microvm':>17}{'RSS guest RAM':>15}{'RSS rest':>10}")
+        lines.append(f"{'':<16}{'1st line s':>11}{'ready s':>9}{'exit s':>9}{'exit vs microvm':>17}"
+                     f"{'RSS guest RAM':>15}{'RSS rest':>10}")
         for name in VMM_NAMES:
             r = booted[name]
             rss = r["rss_at_ready_kib"][-1] or {}
-            lines.append(f"{name:<16}{r['ready_s']['median']:>9.1f}{r['exit_s']['median']:>9.1f}"
+            first = r.get("first_line_s", {}).get("median") or float("nan")
+            lines.append(f"{name:<16}{first:>11.1f}{r['ready_s']['median']:>9.1f}{r['exit_s']['median']:>9.1f}"
                          f"{r['exit_s']['median'] / base:>17.2f}"
                          f"{rss.get('guest_ram_kib', 0) / 1024:>13.1f}M{rss.get('rest_kib', 0) / 1024:>9.1f}M")
     return "\n".join(lines)

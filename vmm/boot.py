@@ -21,6 +21,7 @@ from kernel.cache import KernelCache
 from kernel.elf import load_elf
 from kernel.errors import KernelImageError
 from kernel.linux import LinuxBoot, load_linux
+from kernel.loads import BackgroundLoads
 from kernel.x86 import LongModeState, long_mode_state, page_table_bytes, write_gdt, write_identity_page_tables
 from .kit import kernel_cache_dir
 
@@ -60,8 +61,9 @@ def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConf
 
 
 def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int, entry: str = "vmlinux",
-               pci=None, reserved=()) -> BootPlan:
-    """`pci`: the PciHostConfig the DSDT describes; `reserved`: extra e820 reserved ranges (ECAM)."""
+               pci=None, reserved=(), loads: BackgroundLoads | None = None) -> BootPlan:
+    """`pci`: the PciHostConfig the DSDT describes; `reserved`: extra e820 reserved ranges (ECAM);
+    `loads`: where the kernel's and initrd's bytes may still be moving on return (kernel/loads.py)."""
     config = acpi_config(cpus, pci)
     tables = acpi.build(config, rsdp_addr=layout.ACPI_START)
     for gpa, blob in tables.items():
@@ -70,7 +72,7 @@ def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int,
         mem.write(gpa, blob)
     mem.write(layout.RESET_VECTOR, reset_vector_code(config.reset_port, config.reset_value))
     linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                       acpi_rsdp_addr=layout.ACPI_START, kernel_cache=KernelCache(kernel_cache_dir()))
+                       acpi_rsdp_addr=layout.ACPI_START, kernel_cache=KernelCache(kernel_cache_dir()), loads=loads)
     gdt = write_gdt(mem, layout.BOOT_GDT)
     cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
     bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)

@@ -14,6 +14,7 @@ import signal
 
 from kernel import cpuid as cpuid_mod
 from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
+from kernel.loads import BackgroundLoads
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
 from virtio.pci import VirtioPciDevice
 from .boot import BootPlan, acpi_config, boot_firmware, boot_linux, boot_program
@@ -66,49 +67,25 @@ class Machine:
         self.mem = GuestMemory(config.mem_size)
         for slot, region in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, self.mem.host_address(region))
-        if self.firmware is not None:
-            from .kvm import constants as kc
-
-            self._firmware_mapping = FirmwareMapping(self.firmware)
-            self._firmware_mapping.map(self.vm, len(self.mem.regions),
-                                       readonly=bool(self.kvm.check_extension(kc.KVM_CAP_READONLY_MEM)))
-
-        self.pio = Bus("pio")
-        self.mmio = Bus("mmio")
-        self._console_sink = console_out or self._make_sink(config.console)
-        self._console_in = console_in
-        self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
-        self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial, "serial")
-        self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset), "i8042")
-        low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
-        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(mem_below_4g=low, mem_above_4g=high), "cmos")
-        self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
-                          AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset),
-                          "acpi-pm")
-
-        self.fw_cfg = None
-        if self.firmware is not None:
-            self._add_firmware_devices()
-
-        self.irq = IrqRouter(self.vm)
-        self.pci = PciHost(pio=self.pio, mmio=self.mmio,
-                           layout=FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT,
-                           on_reset=self.lifecycle.reset)
-        self.disks, self.nets = [], []
-        self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
-        try:
-            for spec in config.disks:
-                self.disks.append(self._add_disk(spec))
-            for spec in config.nets:
-                self.nets.append(self._add_net(spec))
-        except BaseException:
-            self._close_devices()
-            raise
-
+        self.pci_layout = FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         self.notes: list[str] = []  # things the user should know, printed once by the CLI
         clear = self._configure_cpuid()
-        self.plan = self._boot(extra_cmdline=f" clearcpuid={','.join(clear)}" if clear else "")
+        self._console_sink = console_out or self._make_sink(config.console)
+        self._console_in = console_in
+        # A kernel starts loading now, into guest RAM in the background, while the devices are made;
+        # firmware (fw_cfg describes the devices) and programs are loaded once the devices are there.
+        self._loads = BackgroundLoads()
+        extra = f" clearcpuid={','.join(clear)}" if clear else ""
+        self.plan = self._boot(extra) if self.firmware is None and not config.program else None
+        try:
+            self._add_devices()
+        except BaseException:
+            self._loads.wait(raise_errors=False)
+            raise
+        self._loads.wait()
+        if self.plan is None:
+            self.plan = self._boot(extra)
         self._configure_vcpus()
         # Firmware may need an instruction that an emulating KVM lacks completed for it.
         fixup = ProtectedModeIret(self.mem) if self.firmware is not None else None
@@ -123,6 +100,45 @@ class Machine:
         self.lifecycle.on_stop(self._kick_all)
 
     # -- assembly -------------------------------------------------------------------
+    def _add_devices(self) -> None:
+        """The firmware's mapping, the platform devices on the buses, the PCI host and the virtio
+        devices of the configuration."""
+        config = self.config
+        if self.firmware is not None:
+            from .kvm import constants as kc
+
+            self._firmware_mapping = FirmwareMapping(self.firmware)
+            self._firmware_mapping.map(self.vm, len(self.mem.regions),
+                                       readonly=bool(self.kvm.check_extension(kc.KVM_CAP_READONLY_MEM)))
+
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
+        self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial, "serial")
+        self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset), "i8042")
+        low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
+        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(mem_below_4g=low, mem_above_4g=high), "cmos")
+        self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
+                          AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset),
+                          "acpi-pm")
+
+        self.fw_cfg = None
+        if self.firmware is not None:
+            self._add_firmware_devices()
+
+        self.irq = IrqRouter(self.vm)
+        self.pci = PciHost(pio=self.pio, mmio=self.mmio, layout=self.pci_layout, on_reset=self.lifecycle.reset)
+        self.disks, self.nets = [], []
+        self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
+        try:
+            for spec in config.disks:
+                self.disks.append(self._add_disk(spec))
+            for spec in config.nets:
+                self.nets.append(self._add_net(spec))
+        except BaseException:
+            self._close_devices()
+            raise
+
     @staticmethod
     def _make_sink(console: str):
         if console == "stdio":
@@ -216,8 +232,8 @@ class Machine:
             top = max(r.end for r in self.mem.regions)
             return boot_program(self.mem, program=c.program, cpus=c.cpus, map_size=max(top, 4 << 30))
         return boot_linux(self.mem, kernel=c.kernel, initrd=c.initrd, cmdline=c.cmdline + extra_cmdline,
-                          cpus=c.cpus, entry=c.entry, pci=self.pci.layout.acpi_config(),
-                          reserved=self.pci.layout.e820_reserved())
+                          cpus=c.cpus, entry=c.entry, pci=self.pci_layout.acpi_config(),
+                          reserved=self.pci_layout.e820_reserved(), loads=self._loads)
 
     def cpuid_mask(self) -> tuple[str, ...]:
         """The features hidden from the guest: as configured, else (automatic) what an emulating

@@ -287,3 +287,39 @@ def test_the_reset_vector_of_a_direct_boot_resets_the_machine():
     m.vcpus[0].set_regs(regs)
     assert run_machine(m) == 0
     assert m.lifecycle.reset_requested and m.lifecycle.message == "guest reset"
+
+
+@pytest.mark.skipif(not __import__("vmm.kit").kit.kit_kernel().exists(), reason="needs the guest kit (scripts/guestkit.py build)")
+def test_the_kernel_loads_while_the_devices_are_made(tmp_path, monkeypatch):
+    """Machine starts the kit kernel's and initrd's loads into guest RAM before it makes the devices,
+    and waits for them before the vCPUs are set up; a device that fails (a bad disk) still waits for
+    the loads, so nothing writes guest memory once the error is out."""
+    from virtio.backends.raw import ImageError
+    from vmm import kit
+    from vmm.config import DiskSpec
+
+    kernel, initrd_path = str(kit.kit_kernel()), str(kit.kit_initrd())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # (a cold kernel cache, then a warm one)
+    order = []
+    real_add_devices = Machine._add_devices
+
+    def add_devices(self):
+        order.append(("devices", sorted(t.name for t in threading.enumerate() if t.name == "pyvmm-load")))
+        real_add_devices(self)
+
+    monkeypatch.setattr(Machine, "_add_devices", add_devices)
+    config = VmConfig(kernel=kernel, initrd=initrd_path, cpus=1, console="none")
+    initrd = open(initrd_path, "rb").read()
+    for _ in range(2):
+        m = Machine(config)
+        try:
+            assert m.mem.read(m.plan.linux.initrd_start, len(initrd)) == initrd
+        finally:
+            m.close()
+    assert order[0][1] == ["pyvmm-load"] and order[1][1] == ["pyvmm-load", "pyvmm-load"]  # initrd; + kernel
+    bad = tmp_path / "dir"
+    bad.mkdir()
+    with pytest.raises(ImageError):
+        Machine(VmConfig(kernel=config.kernel, initrd=config.initrd, cpus=1, console="none",
+                         disks=(DiskSpec(str(bad)),)))
+    assert not [t for t in threading.enumerate() if t.name == "pyvmm-load"]
