@@ -18,10 +18,8 @@ least recently used go first.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -54,7 +52,9 @@ class KernelCache:
         cached = self._open(self.directory / BY_STAT / key) if key else None
         if cached is not None:
             return cached
-        name = f"{hashlib.sha256(bzimage).hexdigest()}"
+        import hashlib  # (here: a boot that finds its kernel by stat does without it)
+
+        name = hashlib.sha256(bzimage).hexdigest()
         entry = next(self.directory.glob(f"{name}-*{SUFFIX}"), None) if self.directory.is_dir() else None
         cached = self._open(entry) if entry is not None else None
         if cached is not None:
@@ -89,6 +89,8 @@ class KernelCache:
         tmp = None
         try:
             (self.directory / BY_STAT).mkdir(parents=True, exist_ok=True)
+            import tempfile
+
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

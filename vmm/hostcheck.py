@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import struct
-import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -141,6 +140,8 @@ def _write_verdict(key: str, native: bool) -> None:
     path = verdict_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # (here: only the first run after a host boot writes)
+
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-kvm-mode-")
         with os.fdopen(fd, "w") as f:
             json.dump({"key": key, "native": native}, f)

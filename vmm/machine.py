@@ -16,7 +16,6 @@ from kernel import cpuid as cpuid_mod
 from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
 from kernel.loads import BackgroundLoads
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
-from virtio.pci import VirtioPciDevice
 from .boot import BootPlan, acpi_config, boot_firmware, boot_linux, boot_program
 from .bus import Bus
 from .config import DEFAULT_BOOT_ORDER, ConfigError, VmConfig, boot_slots
@@ -154,6 +153,8 @@ class Machine:
 
     def _add_disk(self, spec):
         """A virtio-blk-pci device for one --disk; queues default to one per vCPU."""
+        from virtio.pci import VirtioPciDevice  # (loaded with the first virtio device)
+
         dev = build_disk(self.mem, spec, default_queues=self.config.cpus)
         try:
             # With firmware, devices start as after a reset: decode off, the BIOS places and enables them.
@@ -168,6 +169,8 @@ class Machine:
         """A virtio-net-pci device on a tap for one --net; queue pairs default to one per vCPU.
         It carries an expansion ROM: rom=PATH, or with firmware boot iPXE's (when installed)."""
         rom = self._net_rom(spec)
+        from virtio.pci import VirtioPciDevice
+
         dev = build_net(self.mem, spec, vm_id=self.config.name, default_queues=self.config.cpus)
         try:
             pci_dev = VirtioPciDevice(dev, irq=self.irq, vm=self.vm)

@@ -9,7 +9,6 @@ import dataclasses
 import os
 
 from .. import kit
-from ..firmware.image import FirmwareError, load_firmware, load_rom
 from .options import ConfigError
 from .vm import VmConfig
 
@@ -28,9 +27,9 @@ def check_host(c: VmConfig) -> VmConfig:
         readable(disk.path, "--disk:")
     for net in c.nets:
         if net.rom not in (None, "off"):
-            _firmware_file(lambda: load_rom(net.rom, "--net rom"))
+            _firmware_file(lambda image: image.load_rom(net.rom, "--net rom"))
     if c.firmware is not None:
-        image = _firmware_file(lambda: load_firmware(c.firmware or None))
+        image = _firmware_file(lambda image: image.load_firmware(c.firmware or None))
         if c.firmware_log is not None:
             writable_file(c.firmware_log, "--firmware-log:")
         return dataclasses.replace(c, firmware=image.path)
@@ -84,8 +83,11 @@ def writable_file(path: str, what: str) -> str:
 
 
 def _firmware_file(load):
-    """What `load` returns; its FirmwareError as a ConfigError."""
+    """What `load(vmm.firmware.image)` returns; its FirmwareError as a ConfigError.  (The firmware
+    modules load only for a VM that names a firmware or ROM.)"""
+    from ..firmware import image
+
     try:
-        return load()
-    except FirmwareError as e:
+        return load(image)
+    except image.FirmwareError as e:
         raise ConfigError(str(e)) from None

@@ -7,7 +7,6 @@ address on every start, two VMs (or two taps) almost surely differ."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from virtio.backends.tap import TapError, check_tap_name
@@ -52,6 +51,8 @@ def default_mac(tap: str, vm_id: str | int = "") -> bytes:
     """A stable MAC for a NIC: 52:54:00 (locally administered, unicast) and 3 bytes of
     SHA-256 over the VM's identifier and the tap name.  The caller picks `vm_id` (the VM's
     name, or its index among the VMs it starts); equal inputs give equal addresses."""
+    import hashlib  # (here: only a NIC without a MAC needs it)
+
     digest = hashlib.sha256(f"pyvmm-net\0{vm_id}\0{tap}".encode()).digest()
     return b"\x52\x54\x00" + digest[:3]
 
