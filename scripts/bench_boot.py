@@ -3,9 +3,10 @@
 
     python3 scripts/bench_boot.py [--runs 5] [--boots 3] [--only start,boot] [--json bench-boot.json]
 
-- start (on this host): process start (its execve) to the first KVM_RUN of a vCPU thread, the first
-  guest instruction, for pyvmm, QEMU `-M microvm` and QEMU `-M q35`, traced by strace (seccomp-filtered:
-  only execve and ioctl stop).  Warm: page cache, pyvmm's caches (decompressed kernel, KVM-mode verdict)
+- start (on this host): process start (its exec) to the first guest entry of a vCPU thread, the
+  first guest instruction, for pyvmm, QEMU `-M microvm` and QEMU `-M q35`, from KVM's kvm_entry and
+  the scheduler's exec tracepoints (tracefs, as root: nothing stops the VMM), else by strace.
+  Warm: page cache, pyvmm's caches (decompressed kernel, KVM-mode verdict)
   and byte code in place, after one run not counted.  Cold: once, after dropping the page cache (root)
   with pyvmm's caches and byte code empty.  pyvmm's own figure (`--stats`, no tracer) beside it.
 - boot (in the nested KVM of ../shared/README.md, both VMMs in the same L1): from start to the
@@ -92,30 +93,65 @@ def spread(values: list[float]) -> dict:
 
 
 # -- start: process start to the first guest instruction, on this host ---------------------------------
-def first_kvm_run(argv: list[str], env: dict, timeout: float = 30) -> float:
-    """Seconds from the process's execve to the first KVM_RUN of another thread than the first (a
-    vCPU's: pyvmm's KVM-mode probe runs on the main thread), by strace; the VMM is killed then."""
+TRACEFS = Path("/sys/kernel/tracing")
+# A vCPU's KVM_RUN loads the guest's FPU state (kvm_fpu), then enters the guest (kvm_entry, which a
+# software KVM such as this host's kvm_pvm does not fire): the first of them marks the first instruction.
+GUEST_ENTRY_EVENTS = ("kvm_entry", "kvm_fpu")
+
+
+def first_kvm_run(argv: list[str], env: dict, timeout: float = 30) -> tuple[float, str]:
+    """(seconds from the process's exec to the first guest entry of a vCPU thread, the method).  The
+    VMM is killed then.  By KVM's own tracepoints where tracefs can be had (root): no tracer stops
+    the process; else by strace (which stops it at each ioctl and each new thread: slower, and more
+    so for a VMM with more of them).  A vCPU thread: another than the first (pyvmm's KVM-mode probe
+    runs guest code on the main thread)."""
+    if _tracefs_usable():
+        return _first_entry_ftrace(argv, env, timeout), "ftrace kvm_entry/kvm_fpu"
+    return _first_entry_strace(argv, env, timeout), "strace KVM_RUN"
+
+
+def _tracefs_usable() -> bool:
+    if not (TRACEFS / "instances").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True)
+    return os.access(TRACEFS / "instances", os.W_OK) and (TRACEFS / "events" / "kvm" / "kvm_entry").is_dir()
+
+
+def _first_entry_ftrace(argv: list[str], env: dict, timeout: float) -> float:
+    instance = TRACEFS / "instances" / f"pyvmm-bench-{os.getpid()}"
+    instance.mkdir()
+    try:
+        for event in ("sched/sched_process_exec", "kvm/kvm_entry", "kvm/kvm_fpu"):
+            (instance / "events" / event / "enable").write_text("1")
+        (instance / "tracing_on").write_text("1")
+        return _watch(argv, env, timeout, lambda proc: _ftrace_first(instance / "trace", proc.pid))
+    finally:
+        (instance / "tracing_on").write_text("0")
+        instance.rmdir()
+
+
+def _ftrace_first(trace: Path, pid: int) -> float | None:
+    """From the trace: the exec of `pid`, then its first guest entry from a thread other than `pid`."""
+    start = None
+    for line in trace.read_text(errors="replace").splitlines():
+        if line.startswith("#") or ": " not in line:
+            continue
+        head, event = line.split(": ", 1)[0], line.split(": ", 2)[1] if line.count(": ") >= 2 else ""
+        task, stamp = head.split()[0], float(head.split()[-1])
+        tid = int(task.rsplit("-", 1)[1])
+        if start is None and event == "sched_process_exec" and f" pid={pid} " in line + " ":
+            start = stamp
+        elif start is not None and event in GUEST_ENTRY_EVENTS and tid != pid:
+            return stamp - start
+    return None
+
+
+def _first_entry_strace(argv: list[str], env: dict, timeout: float) -> float:
     with tempfile.NamedTemporaryFile(prefix="bench-boot-", suffix=".trace") as trace:
-        proc = subprocess.Popen(["strace", "-f", "-ttt", "--seccomp-bpf", "-e", "trace=execve,ioctl",
-                                 "-o", trace.name, *argv], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                found = _first_vcpu_run(Path(trace.name).read_text(errors="replace"))
-                if found is not None:
-                    return found
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{argv[0]} exited ({proc.returncode}) before its first KVM_RUN")
-                time.sleep(0.02)
-            raise RuntimeError(f"{argv[0]}: no KVM_RUN within {timeout:.0f} s")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        command = ["strace", "-f", "-ttt", "--seccomp-bpf", "-e", "trace=execve,ioctl", "-o", trace.name, *argv]
+        return _watch(command, env, timeout, lambda proc: _strace_first(Path(trace.name).read_text(errors="replace")))
 
 
-def _first_vcpu_run(trace: str) -> float | None:
+def _strace_first(trace: str) -> float | None:
     lines = trace.splitlines()
     if not lines:
         return None
@@ -125,6 +161,26 @@ def _first_vcpu_run(trace: str) -> float | None:
         if len(words) > 2 and words[0] != main_pid and "KVM_RUN" in line:
             return float(words[1]) - start
     return None
+
+
+def _watch(argv: list[str], env: dict, timeout: float, found) -> float:
+    """Start argv; poll found(proc) until it gives a figure; kill the process group."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            seconds = found(proc)
+            if seconds is not None:
+                return seconds
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited ({proc.returncode}) before its first guest entry")
+            time.sleep(0.02)
+        raise RuntimeError(f"{argv[0]}: no guest entry within {timeout:.0f} s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def pyvmm_self_report(env: dict) -> float | None:
@@ -163,14 +219,18 @@ def bench_start(runs: int) -> dict:
         for name in VMM_NAMES:
             argv = _start_argv(name)
             first_kvm_run(argv, warm_env)  # fills the caches: not counted
-            warm = [first_kvm_run(argv, warm_env) * 1000 for _ in range(runs)]
+            warm, method = [], ""
+            for _ in range(runs):
+                seconds, method = first_kvm_run(argv, warm_env)
+                warm.append(seconds * 1000)
             with tempfile.TemporaryDirectory(prefix="bench-boot-cold-") as cold_dir:
                 cold_env = {**warm_env, "XDG_CACHE_HOME": cold_dir, "PYTHONPYCACHEPREFIX": f"{cold_dir}/pycache"}
                 dropped = drop_page_cache()
-                cold = first_kvm_run(argv, cold_env) * 1000
-            results[name] = {"warm_ms": spread(warm), "cold_ms": cold, "page_cache_dropped": dropped}
+                cold = first_kvm_run(argv, cold_env)[0] * 1000
+            results[name] = {"warm_ms": spread(warm), "cold_ms": cold, "page_cache_dropped": dropped,
+                             "method": method}
             print(f"  start {name}: warm median {statistics.median(warm):.0f} ms "
-                  f"({min(warm):.0f}-{max(warm):.0f}), cold {cold:.0f} ms", flush=True)
+                  f"({min(warm):.0f}-{max(warm):.0f}), cold {cold:.0f} ms ({method})", flush=True)
         own = [pyvmm_self_report(warm_env) for _ in range(runs)]
         own = [v * 1000 for v in own if v is not None]
         if own:
@@ -295,7 +355,8 @@ def table(results: dict) -> str:
     start = results.get("start")
     if start:
         base = start["qemu-microvm"]["warm_ms"]["median"]
-        lines.append("start (this host): process start -> first guest instruction (vCPU's first KVM_RUN)")
+        lines.append(f"start (this host): process start -> first guest instruction (a vCPU's first entry; "
+                     f"{start['pyvmm'].get('method', 'strace KVM_RUN')})")
         lines.append(f"{'':<16}{'warm ms':>10}{'min-max':>14}{'cold ms':>10}{'vs microvm':>12}")
         for name in VMM_NAMES:
             r = start[name]
