@@ -276,12 +276,12 @@ def _boot_once(argv: list[str], timeout: float, env: dict | None) -> dict:
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
-    first, ready, rss, lines = None, None, None, []
+    first, first_text, ready, rss, lines = None, None, None, None, []
     try:
         for line in proc.stdout:
             lines.append(line)
             if first is None and line.strip():
-                first = time.monotonic() - start
+                first, first_text = time.monotonic() - start, line.strip()[:200]
             if ready is None and "PYVMM-READY" in line:
                 ready = time.monotonic() - start
                 rss = resident_split(proc.pid)
@@ -295,7 +295,7 @@ def _boot_once(argv: list[str], timeout: float, env: dict | None) -> dict:
     console = "".join(lines).replace("\r", "")
     if "PYVMM-EXIT=0" not in console:
         raise GuestFailed(f"{argv[0]}: the guest did not finish its command:\n{console[-1500:]}")
-    return {"first_line_s": first, "ready_s": ready, "exit_s": time.monotonic() - start, "console": console,
+    return {"first_line_s": first, "first_line": first_text, "ready_s": ready, "exit_s": time.monotonic() - start, "console": console,
             "rss": rss}
 
 
@@ -337,6 +337,7 @@ def bench_boot(boots: int, stats_path: Path) -> dict:
         runs = [boot(argv_for("true"), env=env) for _ in range(boots)]
         results[name] = {
             "first_line_s": spread([r["first_line_s"] for r in runs]),
+            "first_line": runs[-1]["first_line"],  # (QEMU's own warnings count: see what it was)
             "ready_s": spread([r["ready_s"] for r in runs]),
             "exit_s": spread([r["exit_s"] for r in runs]),
             "rss_at_ready_kib": [r["rss"] for r in runs],
