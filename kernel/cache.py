@@ -7,7 +7,8 @@ An entry is the vmlinux ELF of one bzImage, named by the SHA-256 of the bzImage'
 its own length (`<sha256>-<length>.vmlinux`): a file cut short (a crash while writing, a full
 disk) has the wrong length and is ignored.  So that a boot need not hash the bzImage, a
 symbolic link `by-stat/<device-inode-size-mtime-ctime>` points at the entry of the file as it
-was when hashed (any change to the file changes its ctime, which no one can set).
+was when hashed (any change to the file changes its ctime, which no one can set).  An entry whose
+ELF headers do not hold together (damaged on disk) is thrown away and the kernel decompressed again.
 
 Safe with concurrent writers: each writes its own temporary file and renames it into place
 (rename is atomic; two writers of one kernel write the same bytes).  Every failure of the
@@ -24,11 +25,15 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .elf import parse_elf
+from .errors import KernelImageError
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".vmlinux"
 BY_STAT = "by-stat"
 DEFAULT_MAX_ENTRIES = 8
+HEADER_BYTES = 64 * 1024  # what is read to check an entry's ELF and program headers
 STALE_TMP_NS = 3600 * 10**9
 
 
@@ -78,8 +83,14 @@ class KernelCache:
             if size == 0 or not os.path.realpath(entry).endswith(f"-{size}{SUFFIX}"):
                 f.close()  # cut short
                 return None
+            parse_elf(os.pread(f.fileno(), HEADER_BYTES, 0), file_size=size)
             os.utime(f.fileno())  # recently used
             return f
+        except KernelImageError:  # damaged (not by us: entries are renamed in whole): thrown away
+            log.info("kernel cache %s: %s is damaged; decompressing again", self.directory, entry)
+            f.close()
+            _unlink(Path(os.path.realpath(entry)))
+            return None
         except OSError:
             f.close()
             return None

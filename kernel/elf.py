@@ -124,9 +124,10 @@ def is_elf(data: bytes) -> bool:
     return bytes(data[:4]) == ELFMAG
 
 
-def parse_elf(data: bytes | memoryview) -> ElfImage:
+def parse_elf(data: bytes | memoryview, *, file_size: int | None = None) -> ElfImage:
     """Parse and check an ELF64 x86-64 executable; KernelImageError if it cannot be loaded.
-    A memoryview is kept as it is (a mapped file is not read into memory)."""
+    A memoryview is kept as it is (a mapped file is not read into memory).  With `file_size`,
+    `data` may be the file's first bytes only (its headers): segments are checked against the size."""
     if not isinstance(data, memoryview):
         data = bytes(data)
     if len(data) < ELF64_EHDR.size or not is_elf(data):
@@ -155,7 +156,7 @@ def parse_elf(data: bytes | memoryview) -> ElfImage:
         for i in range(e_phnum)
     )
     image = ElfImage(data, e_type, e_machine, e_entry, headers)
-    _check_segments(image, len(data))
+    _check_segments(image, len(data) if file_size is None else file_size)
     return image
 
 

@@ -22,6 +22,11 @@ from vmm.memory import GuestMemory
 MiB = 1 << 20
 
 
+def vmlinux(tag: bytes) -> bytes:
+    """A small valid vmlinux-like ELF whose code is `tag` (entries are checked as ELF files)."""
+    return make_kernel_like_elf(text=tag + b"\xf4")
+
+
 class Counting:
     """A decompress() that counts its calls."""
 
@@ -53,44 +58,63 @@ def entries(directory):
 
 
 def test_a_second_boot_takes_the_kernel_from_the_cache(tmp_path, bzimage):
-    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"\x7fELF vmlinux bytes")
-    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"\x7fELF vmlinux bytes"
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(vmlinux(b"vmlinux bytes"))
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == vmlinux(b"vmlinux bytes")
     again = cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress)
-    assert not isinstance(again, bytes) and content(again) == b"\x7fELF vmlinux bytes"
+    assert not isinstance(again, bytes) and content(again) == vmlinux(b"vmlinux bytes")
     assert decompress.calls == 1
     digest = hashlib.sha256(bzimage.read_bytes()).hexdigest()
-    assert entries(tmp_path / "c") == [f"{digest}-18{SUFFIX}"]  # (length 18: one cut short is seen)
+    size = len(vmlinux(b"vmlinux bytes"))
+    assert entries(tmp_path / "c") == [f"{digest}-{size}{SUFFIX}"]  # (the length: one cut short is seen)
 
 
 def test_the_entry_is_found_by_content_when_the_file_is_new(tmp_path, bzimage):
     """A copy of the same bzImage (another inode) hashes to the same entry: no decompression."""
-    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"\x7fELF v")
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(vmlinux(b"v"))
     cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress)
     copy = tmp_path / "copy"
     copy.write_bytes(bzimage.read_bytes())
-    assert content(cache.vmlinux(str(copy), copy.read_bytes(), decompress)) == b"\x7fELF v"
+    assert content(cache.vmlinux(str(copy), copy.read_bytes(), decompress)) == vmlinux(b"v")
     assert decompress.calls == 1
     assert len(list((tmp_path / "c" / BY_STAT).iterdir())) == 2  # both files indexed by their stat
 
 
 def test_a_changed_bzimage_is_decompressed_again(tmp_path, bzimage):
     cache = KernelCache(tmp_path / "c")
-    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(b"old"))
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(vmlinux(b"old")))
     bzimage.write_bytes(b"another kernel " * 700)  # same path, new bytes (and ctime)
-    new = Counting(b"new")
-    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == b"new" and new.calls == 1
-    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == b"new" and new.calls == 1
+    new = Counting(vmlinux(b"new"))
+    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == vmlinux(b"new") and new.calls == 1
+    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), new)) == vmlinux(b"new") and new.calls == 1
 
 
 def test_an_entry_cut_short_is_not_used(tmp_path, bzimage):
     cache = KernelCache(tmp_path / "c")
-    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(b"\x7fELF complete kernel"))
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(vmlinux(b"complete kernel")))
     (entry,) = (tmp_path / "c").glob(f"*{SUFFIX}")
-    entry.write_bytes(b"\x7fELF comp")  # a crash while writing, a full disk
-    again = Counting(b"\x7fELF complete kernel")
-    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), again)) == b"\x7fELF complete kernel"
+    entry.write_bytes(vmlinux(b"complete kernel")[:40])  # a crash while writing, a full disk
+    again = Counting(vmlinux(b"complete kernel"))
+    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), again)) == vmlinux(b"complete kernel")
     assert again.calls == 1
-    assert (tmp_path / "c" / entry.name).read_bytes() == b"\x7fELF complete kernel"  # stored again
+    assert (tmp_path / "c" / entry.name).read_bytes() == vmlinux(b"complete kernel")  # stored again
+
+
+def test_a_damaged_entry_is_thrown_away_and_the_kernel_decompressed_again(tmp_path, bzimage, caplog):
+    """Entries are renamed into place whole; one whose headers no longer hold together was damaged on
+    disk: it is not handed to the loader, and the next store replaces it."""
+    cache = KernelCache(tmp_path / "c")
+    cache.vmlinux(str(bzimage), bzimage.read_bytes(), Counting(vmlinux(b"good kernel")))
+    (entry,) = (tmp_path / "c").glob(f"*{SUFFIX}")
+    damaged = bytearray(entry.read_bytes())
+    damaged[32:40] = (1 << 40).to_bytes(8, "little")  # e_phoff far past the end
+    entry.write_bytes(bytes(damaged))  # (same length)
+    again = Counting(vmlinux(b"good kernel"))
+    with caplog.at_level(logging.INFO, logger=cache_mod.__name__):
+        assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), again)) == vmlinux(b"good kernel")
+    assert again.calls == 1 and "is damaged" in caplog.text
+    assert entry.read_bytes() == vmlinux(b"good kernel")  # stored again
+    assert content(cache.vmlinux(str(bzimage), bzimage.read_bytes(), again)) == vmlinux(b"good kernel")
+    assert again.calls == 1
 
 
 def test_a_full_disk_costs_only_the_time(tmp_path, bzimage, monkeypatch, caplog):
@@ -98,9 +122,9 @@ def test_a_full_disk_costs_only_the_time(tmp_path, bzimage, monkeypatch, caplog)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(cache_mod.os, "replace", full)
-    cache, decompress = KernelCache(tmp_path / "c"), Counting(b"kernel")
+    cache, decompress = KernelCache(tmp_path / "c"), Counting(vmlinux(b"kernel"))
     with caplog.at_level(logging.INFO, logger=cache_mod.__name__):
-        assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
+        assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == vmlinux(b"kernel")
     assert entries(tmp_path / "c") == [] and not list((tmp_path / "c").glob(".tmp-*"))
     assert "No space left on device" in caplog.text
 
@@ -108,9 +132,9 @@ def test_a_full_disk_costs_only_the_time(tmp_path, bzimage, monkeypatch, caplog)
 def test_no_cache_directory_costs_only_the_time(tmp_path, bzimage):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    cache, decompress = KernelCache(blocker / "c"), Counting(b"kernel")
-    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
-    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == b"kernel"
+    cache, decompress = KernelCache(blocker / "c"), Counting(vmlinux(b"kernel"))
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == vmlinux(b"kernel")
+    assert cache.vmlinux(str(bzimage), bzimage.read_bytes(), decompress) == vmlinux(b"kernel")
     assert decompress.calls == 2
 
 
@@ -121,19 +145,19 @@ def test_the_least_recently_used_kernels_go_first(tmp_path):
         p = tmp_path / f"k{i}"
         p.write_bytes(b"kernel %d " % i * 100)
         paths.append(p)
-        cache.vmlinux(str(p), p.read_bytes(), Counting(b"v%d" % i))
-        os.utime(next(e for e in (tmp_path / "c").glob(f"*-2{SUFFIX}") if e.read_bytes() == b"v%d" % i),
+        cache.vmlinux(str(p), p.read_bytes(), Counting(vmlinux(b"v%d" % i)))
+        os.utime(next(e for e in (tmp_path / "c").glob(f"*{SUFFIX}") if e.read_bytes() == vmlinux(b"v%d" % i)),
                  ns=(i * 10**9, i * 10**9))  # k0 oldest
     kept = sorted((tmp_path / "c" / e).read_bytes() for e in entries(tmp_path / "c"))
-    assert kept == [b"v1", b"v2"]
+    assert kept == sorted([vmlinux(b"v1"), vmlinux(b"v2")])
     assert all(link.exists() for link in (tmp_path / "c" / BY_STAT).iterdir())  # k0's link gone too
-    again = Counting(b"v0")
+    again = Counting(vmlinux(b"v0"))
     cache.vmlinux(str(paths[0]), paths[0].read_bytes(), again)
     assert again.calls == 1
 
 
 def test_concurrent_writers_leave_one_complete_entry(tmp_path, bzimage):
-    data = os.urandom(4 * MiB)
+    data = vmlinux(os.urandom(4 * MiB))
     results, start = [], threading.Barrier(4)
 
     def boot():
