@@ -26,6 +26,13 @@ class GuestRun:
     stderr: str
 
 
+def _text(data: bytes | str | None) -> str:
+    """What a TimeoutExpired kept of a stream (bytes even with text=True)."""
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
 def pyvmm_argv(command: str | None, *, cpus: int = 1, mem: str = "512M", args=(), append: str = "",
                quiet: bool = True) -> list[str]:
     words = ["quiet"] if quiet else []
@@ -39,8 +46,12 @@ def pyvmm_argv(command: str | None, *, cpus: int = 1, mem: str = "512M", args=()
 
 def run_in_guest(command: str, *, timeout: int = BOOT_TIMEOUT, **kw) -> GuestRun:
     """Boot the kit with `command`; asserts that it ran to PYVMM-EXIT."""
-    r = subprocess.run(pyvmm_argv(command, **kw), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=timeout)
+    try:
+        r = subprocess.run(pyvmm_argv(command, **kw), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # say where the guest stopped: the console's last lines
+        raise AssertionError(f"the guest did not finish within {timeout} s; its console ended:\n"
+                             f"{_text(e.output)[-3000:]}\nand pyvmm's stderr:\n{_text(e.stderr)[-2000:]}") from None
     console = r.stdout.replace("\r", "")
     assert "PYVMM-READY" in console, console[-3000:] + r.stderr
     m = re.search(r"PYVMM-EXIT=(\d+)", console)
