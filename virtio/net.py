@@ -100,7 +100,8 @@ from .backends.tap import (
 )
 from .backends.tap_batch import NetBatchIO
 from .device import VIRTIO_ID_NET, VirtioDevice
-from .net_common import ETH_ALEN, MAX_BUFFER, MAX_FRAME, MAX_QUEUE_PAIRS, NetStats, PathContext
+from .net_common import (DEFAULT_MTU, ETH_ALEN, MAX_BUFFER, MAX_FRAME, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, NetStats,
+                         PathContext)
 from .net_hdr import NET_HDR_SIZE
 from .net_rx import RxOutcome, RxPath
 from .net_tx import TxOutcome, TxPath
@@ -172,8 +173,6 @@ assert VIRTIO_NET_CONFIG.size == 12
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
-MIN_MTU = 68  # what IPv4 needs; the spec's lower bound for the mtu field
-MAX_MTU = 65535
 # (MAX_FRAME, the largest frame, and MAX_BUFFER, with its header: virtio/net_common.py)
 MAX_CTRL_BYTES = 1 << 20  # a control command bigger than this (a huge MAC table) is refused
 # Frames per wake-up before going back to epoll (the other queue of the pair gets its turn).
@@ -294,7 +293,7 @@ class VirtioNet(VirtioDevice):
         mac: bytes,
         queue_pairs: int = 1,
         queue_size: int = 256,
-        mtu: int = 1500,
+        mtu: int = DEFAULT_MTU,
         io_threads: bool = True,
         batches: bool = True,
     ):

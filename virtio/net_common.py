@@ -16,6 +16,9 @@ from .queue import ChainError, Queue
 MAX_FRAME = 65550
 ETH_ALEN = 6  # bytes in a MAC address
 MAX_QUEUE_PAIRS = 64  # what a virtio-net device of ours offers at most
+MIN_MTU = 68  # what IPv4 needs; the lowest mtu (5.1.4.1) a device of ours offers
+MAX_MTU = 65535  # the config field is a le16
+DEFAULT_MTU = 1500  # Ethernet's, and a new tap's
 MAX_BUFFER = NET_HDR_SIZE + MAX_FRAME
 # used.idx is written every this many chains within a batch, not only at its end: the driver can
 # refill the ring while the device works through it, so a busy queue does not run dry and sleep.

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
         "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
     run.add_argument("--net", action="append", metavar="SPEC", help=(
-        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off] (repeatable; the "
+        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off] (repeatable; the "
         "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
         "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
         "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))

@@ -22,18 +22,26 @@ def build_disk(mem: GuestMemory, spec: DiskSpec, *, default_queues: int = 1, que
 
 
 def build_net(mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", default_queues: int = 1,
-              queue_size: int = 256, mtu: int = 1500) -> VirtioNet:
+              queue_size: int = 256) -> VirtioNet:
     """A virtio-net device on the tap `spec` names, one tap queue per queue pair (raises TapError,
-    ValueError); without a MAC in `spec`, default_mac(tap, vm_id).  (virtio-net and its batch
-    paths, with numpy, are loaded here: a VM without a NIC never loads them.)"""
+    ValueError); without a MAC in `spec`, default_mac(tap, vm_id); with an MTU in `spec`, the tap's
+    set to it too.  (virtio-net and its batch paths, with numpy, are loaded here: a VM without a
+    NIC never loads them.)"""
     from virtio.backends.tap import Tap
     from virtio.net import VirtioNet
+    from virtio.net_common import DEFAULT_MTU
     from virtio.net_hdr import NET_HDR_SIZE
 
     queues = spec.queues or default_queues
     tap = Tap.open(spec.tap, queues=queues, vnet_hdr_size=NET_HDR_SIZE)
-    return _on_backend(tap, lambda: VirtioNet(mem, tap, mac=spec.mac or default_mac(tap.name, vm_id),
-                                              queue_pairs=queues, queue_size=queue_size, mtu=mtu))
+
+    def build() -> VirtioNet:
+        if spec.mtu is not None and tap.mtu() != spec.mtu:
+            tap.set_mtu(spec.mtu)
+        return VirtioNet(mem, tap, mac=spec.mac or default_mac(tap.name, vm_id), queue_pairs=queues,
+                         queue_size=queue_size, mtu=spec.mtu or DEFAULT_MTU)
+
+    return _on_backend(tap, build)
 
 
 def _on_backend(backend, build):

@@ -51,6 +51,13 @@ def sh(ns, *cmd, **kw):
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, text=True, **kw)
 
 
+def host_tap(ns, *mode):
+    """tap0 in the namespace, up, with the host's address (MTU 1500, as any new tap)."""
+    sh(ns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr", *mode)
+    sh(ns, "ip", "addr", "add", f"{HOST}/24", "dev", "tap0")
+    sh(ns, "ip", "link", "set", "tap0", "up")
+
+
 def test_stock_kernel_networking_end_to_end(tmp_path):
     guest_script = "; ".join([
         "ip link set eth0 up", f"ip addr add {GUEST}/24 dev eth0",
@@ -68,9 +75,7 @@ def test_stock_kernel_networking_end_to_end(tmp_path):
     ])
     cmd64 = base64.b64encode(guest_script.encode()).decode()
     with namespace() as ns:
-        sh(ns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr")
-        sh(ns, "ip", "addr", "add", f"{HOST}/24", "dev", "tap0")
-        sh(ns, "ip", "link", "set", "tap0", "up")
+        host_tap(ns)
         peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER])
         iperf = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-B", HOST],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -122,9 +127,7 @@ def test_two_queue_pairs_with_two_vcpus(tmp_path):
     ])
     cmd64 = base64.b64encode(guest_script.encode()).decode()
     with namespace() as ns:
-        sh(ns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr", "multi_queue")
-        sh(ns, "ip", "addr", "add", f"{HOST}/24", "dev", "tap0")
-        sh(ns, "ip", "link", "set", "tap0", "up")
+        host_tap(ns, "multi_queue")
         peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER])
         try:
             vm = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "vmm.cli", "run", "--cpus", "2",
@@ -138,5 +141,66 @@ def test_two_queue_pairs_with_two_vcpus(tmp_path):
     assert vm.returncode == 0 and "PYVMM-EXIT=0" in out, out[-3000:] + vm.stderr
     assert "QUEUES=rx-0 rx-1 tx-0 tx-1" in out
     assert "MTU=1500" in out and "PING-OK" in out
+    blob = __import__("random").Random(42).randbytes(BLOB)[:20 << 20]
+    assert f"GOT={hashlib.sha256(blob).hexdigest()}" in out
+
+
+def ip_reassemblies(ns) -> int:
+    """The namespace's IP datagrams that arrived in fragments (/proc/net/snmp Ip: ReasmReqds)."""
+    ip_lines = [line.split() for line in sh(ns, "cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Ip:")]
+    names, values = ip_lines
+    return int(values[names.index("ReasmReqds")])
+
+
+def test_jumbo_mtu_crosses_unfragmented_both_ways(tmp_path):
+    """--net ...,mtu=9000: the guest's eth0 comes up with MTU 9000 (VIRTIO_NET_F_MTU), pyvmm sets the
+    tap's to match, and 9000-byte IP packets cross both ways whole: the guest's 8972-byte pings reach
+    the host without one fragment to reassemble, the host's pings with fragmentation forbidden (-M do)
+    get through, and 20 MiB over TCP arrive byte-exact."""
+    guest_script = "; ".join([
+        "ip link set eth0 up", f"ip addr add {GUEST}/24 dev eth0",
+        "echo MTU=$(cat /sys/class/net/eth0/mtu)",
+        f"ping -c 3 -W 5 -s 8972 {HOST} >/dev/null && echo BIG-PING-OK",
+        "echo NET-UP; sleep 12",  # the host pings us meanwhile
+        f"wget -q -O - http://{HOST}:8000/blob | head -c 20971520 | sha256sum | cut -d' ' -f1 | sed 's/^/GOT=/'",
+    ])
+    cmd64 = base64.b64encode(guest_script.encode()).decode()
+    with namespace() as ns:
+        host_tap(ns)  # MTU 1500: pyvmm sets it
+        peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER])
+        vm = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "vmm.cli", "run", "--mem", "1G",
+                               "--net", f"tap=tap0,mac={MAC},mtu=9000", "--append", f"quiet pyvmm.cmd={cmd64}"],
+                              cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+        lines, pinged = [], {}
+
+        def reader():
+            for line in vm.stdout:
+                lines.append(line)
+                if "NET-UP" in line:
+                    pinged.update(reasm=ip_reassemblies(ns), tap_mtu=sh(ns, "cat", "/sys/class/net/tap0/mtu").stdout)
+                    ping = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "5", "-w", "10",
+                                           "-M", "do", "-s", "8972", GUEST], capture_output=True, text=True)
+                    pinged.update(rc=ping.returncode, out=ping.stdout + ping.stderr)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            vm.wait(timeout=300)
+            t.join(timeout=10)
+            reasm_after = ip_reassemblies(ns)
+        finally:
+            for p in (vm, peer):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    out = "".join(lines).replace("\r", "")
+    assert vm.returncode == 0 and "PYVMM-EXIT=0" in out, out[-3000:] + vm.stderr.read()
+    assert "MTU=9000" in out  # the guest took the device's MTU
+    assert pinged.get("tap_mtu", "").strip() == "9000"  # pyvmm set the tap's
+    assert "BIG-PING-OK" in out  # guest -> host, 9000-byte packets...
+    assert pinged.get("reasm") == 0, pinged  # ... not one of them in fragments
+    assert pinged.get("rc") == 0, pinged  # host -> guest with DF set: the whole path takes 9000 bytes
+    assert reasm_after == 0
     blob = __import__("random").Random(42).randbytes(BLOB)[:20 << 20]
     assert f"GOT={hashlib.sha256(blob).hexdigest()}" in out

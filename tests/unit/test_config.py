@@ -54,6 +54,7 @@ def test_from_dict_matches_the_command_line(kernel):
     ({"disk": [{"queues": 2}]}, "no image path"),
     ({"net": [{"tap": "t0", "queues": 0}]}, "queues=0 is not a number from 1 to 64"),
     ({"net": [{"mac": "52:54:00:12:34:56"}]}, "no tap=NAME"),
+    ({"net": [{"tap": "t0", "mtu": 70000}]}, "mtu=70000 is not a number from 68 to 65535"),
     ({"boot": "disk"}, "--boot needs --firmware"),
     ({"memory": "1G"}, "unknown option 'memory'"),
 ])
@@ -120,6 +121,7 @@ def test_console_file_in_a_missing_directory_exits_2():
     (["--net", "tap=a-very-long-tap-name"], ["--net", "too long"]),
     (["--net", "tap="], ["--net", "no tap=NAME"]),
     (["--net", "tap=t0,mac=01:00:5e:00:00:01"], ["--net", "multicast"]),
+    (["--net", "tap=t0,mtu=9"], ["--net", "mtu='9' is not a number from 68 to 65535"]),
     (["--mem", "lots"], ["--mem", "not a size"]),
     (["--mem=-1G"], ["--mem", "not a size"]),
     (["--mem", "1M"], ["--mem", "too small"]),

@@ -27,7 +27,7 @@ from tests.unit.test_tap import (  # noqa: F401  (netns is a fixture)
     recv_frames,
     tcp_gso_frame,
 )
-from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from virtio.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap, TapError
 from virtio.backends.tap_batch import IovecLoop
 from virtio.device import (
     CONFIG,
@@ -1360,6 +1360,8 @@ def test_parse_net_spec():
     assert parse_net_spec("tap=tap0") == NetSpec("tap0")
     assert parse_net_spec("tap=tap0,mac=52:54:00:12:34:56,queues=4") == NetSpec("tap0", MAC, 4)
     assert parse_net_spec(" TAP = vm1 , MAC=52-54-00-12-34-56") == NetSpec("vm1", MAC)
+    assert parse_net_spec("tap=t,mtu=9000") == NetSpec("t", mtu=9000)
+    assert parse_net_spec("tap=t,mtu=68").mtu == 68 and parse_net_spec("tap=t,mtu=65535").mtu == 65535
 
 
 @pytest.mark.parametrize(
@@ -1380,6 +1382,10 @@ def test_parse_net_spec():
         ("tap=t,queues=0", "queues='0' is not a number from 1 to 64"),
         ("tap=t,queues=65", "from 1 to 64"),
         ("tap=t,queues=two", "from 1 to 64"),
+        ("tap=t,mtu=67", "mtu='67' is not a number from 68 to 65535"),
+        ("tap=t,mtu=65536", "from 68 to 65535"),
+        ("tap=t,mtu=", "from 68 to 65535"),
+        ("tap=t,mtu=jumbo", "from 68 to 65535"),
     ],
 )
 def test_parse_net_spec_errors(text, message):
@@ -1422,6 +1428,40 @@ def test_from_spec_default_mac_and_close(real_dev, netns):
     assert dev.mac == default_mac("pvt0", "test")
     assert dev.tap.get_vnet_hdr_size() == 12
     dev.close()
+    assert netns.ip("link", "show", "pvt0", check=False).returncode != 0
+
+
+def test_mtu_is_offered_to_the_guest_and_set_on_the_tap(real_dev, netns, mem):
+    """mtu= reaches both ends: the config space's mtu field and the tap's own MTU; a jumbo frame
+    crosses both ways whole.  Without mtu= the tap is left as it was and 1500 is offered."""
+    dev = real_dev(spec=NetSpec("pvt0", MAC, mtu=9000))
+    assert dev.tap.mtu() == 9000
+    assert struct.unpack_from("<H", dev.config_bytes(), 10)[0] == 9000
+    drv = Driver(mem, dev)
+    assert drv.negotiate()
+    netns.link_up("pvt0")
+    with netns.packet_socket("pvt0") as host:
+        frame = eth_frame(payload(9000), dst=HOST_MAC, src=MAC)
+        drv.send(hdr() + frame)
+        drv.kick(1)
+        assert recv_frames(host, 1) == [frame]  # the tap took a 9014-byte frame
+        back = eth_frame(payload(9000, seed=7), dst=MAC, src=HOST_MAC)
+        host.send(back)
+        drv.post_rx([16384] * 4)
+        drv.kick(0)
+        got = []
+        assert wait_for(lambda: (got.extend(drv.received()), len(got))[1] == 1)
+        assert [f for _, f in got] == [back]
+    dev.close()
+    plain = real_dev(spec=NetSpec("pvt1", MAC))
+    assert plain.tap.mtu() == 1500 and struct.unpack_from("<H", plain.config_bytes(), 10)[0] == 1500
+
+
+def test_mtu_the_tap_cannot_take_is_a_tap_error(netns, mem):
+    """An MTU the kernel refuses for the tap (here above a tap's 65521 maximum): TapError, which
+    the command line reports in one line, and no tap left open."""
+    with netns.entered(), pytest.raises(TapError, match="cannot set its MTU to 65535"):
+        build_net(mem, NetSpec("pvt0", MAC, mtu=65535), vm_id="test")
     assert netns.ip("link", "show", "pvt0", check=False).returncode != 0
 
 

@@ -55,6 +55,7 @@ import ctypes
 import errno
 import logging
 import os
+import socket
 from functools import partial
 from typing import Callable, Protocol, Sequence
 
@@ -76,6 +77,9 @@ TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
 TUNSETQUEUE = 0x400454D9  # _IOW('T', 217, int)
 TUNSETVNETLE = 0x400454DC  # _IOW('T', 220, int)
+# <linux/sockios.h>: any socket of the tap's namespace reaches the interface by its name
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
 
 # TUNSETIFF ifr_flags
 IFF_TUN = 0x0001
@@ -120,6 +124,15 @@ class _IfReq(ctypes.Structure):
 assert ctypes.sizeof(_IfReq) == 40
 
 
+class _IfReqMtu(ctypes.Structure):
+    """struct ifreq as SIOCGIFMTU / SIOCSIFMTU use it: name, ifr_mtu, padding (40 bytes)."""
+
+    _fields_ = [("ifr_name", ctypes.c_char * IFNAMSIZ), ("ifr_mtu", ctypes.c_int), ("_pad", ctypes.c_char * 20)]
+
+
+assert ctypes.sizeof(_IfReqMtu) == 40
+
+
 class TapError(Exception):
     """The tap cannot be used as asked (no permission, in use, bad name...): the user's to fix."""
 
@@ -128,6 +141,14 @@ def _ioctl_ptr(fd: int, request: int, arg) -> None:
     if _ioctl(fd, request, ctypes.byref(arg)) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _sockios(sock, name: str, request: int, mtu: int = 0) -> int:
+    """An interface ioctl of <linux/sockios.h> that carries an MTU, through `sock`: the kernel
+    looks `name` up in the socket's network namespace.  Raises OSError."""
+    req = _IfReqMtu(ifr_name=name.encode(), ifr_mtu=mtu)
+    _ioctl_ptr(sock.fileno(), request, req)
+    return req.ifr_mtu
 
 
 def check_tap_name(name: str) -> None:
@@ -193,9 +214,10 @@ def _say_path(tap: str, path: str, say: Callable[..., None]) -> None:
 class Tap:
     """An open tap interface: `queues` file descriptors, one per queue."""
 
-    def __init__(self, name: str, fds: list[int], vnet_hdr_size: int):
+    def __init__(self, name: str, fds: list[int], vnet_hdr_size: int, control=None):
         self.name = name
         self.fds = fds
+        self._control = control  # a socket of the tap's namespace, for SIOC*IFMTU (made at open)
         self.queues = len(fds)
         self.vnet_hdr_size = vnet_hdr_size
         self.offload = 0
@@ -225,11 +247,13 @@ class Tap:
                 except OSError as err:
                     if err.errno != errno.EINVAL:  # kernels before 4.1: little-endian hosts do not need it
                         raise TapError(f"tap {name}: TUNSETVNETLE: {err.strerror}") from None
+            # The namespace is the opening thread's now; the MTU ioctls may come from any thread.
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return cls(name, fds, vnet_hdr_size)
+        return cls(name, fds, vnet_hdr_size, control)
 
     # -- what the device uses ----------------------------------------------------------
     def fileno(self, index: int = 0) -> int:
@@ -288,6 +312,18 @@ class Tap:
     def queue_enabled(self, index: int) -> bool:
         return self._enabled[index]
 
+    def set_mtu(self, mtu: int) -> None:
+        """SIOCSIFMTU: the interface's MTU (the largest frame the host side sends and takes,
+        link header excluded).  Needs CAP_NET_ADMIN in the tap's namespace.  Raises TapError."""
+        try:
+            _sockios(self._control, self.name, SIOCSIFMTU, mtu)
+        except OSError as err:
+            raise TapError(f"tap {self.name}: cannot set its MTU to {mtu}: {err.strerror}") from None
+
+    def mtu(self) -> int:
+        """SIOCGIFMTU: the interface's MTU."""
+        return _sockios(self._control, self.name, SIOCGIFMTU)
+
     # -- inspection ----------------------------------------------------------------------
     def flags(self) -> int:
         """TUNGETIFF's ifr_flags (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE...)."""
@@ -304,6 +340,8 @@ class Tap:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+        if self._control is not None:
+            self._control.close()
 
     def __enter__(self) -> "Tap":
         return self

@@ -1,4 +1,8 @@
-"""--net: one virtio-net NIC on a host tap, `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`.
+"""--net: one virtio-net NIC on a host tap, `tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off]`.
+
+mtu=N (68-65535) is offered to the guest (VIRTIO_NET_F_MTU: its driver takes it as the
+link's MTU and its ceiling) and set on the tap, so both ends carry frames of that size;
+without it the guest is offered 1500 and the tap is left as it is.
 
 Without mac=, `default_mac(tap, vm_id)` derives a stable, locally administered
 52:54:00:xx:xx:xx address from the tap name and an identifier of the VM chosen
@@ -10,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from virtio.backends.tap import TapError, check_tap_name
-from virtio.net_common import ETH_ALEN, MAX_QUEUE_PAIRS
+from virtio.net_common import ETH_ALEN, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
 from .options import ConfigError, check_dict, parse_count, split_options
 
-NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]"
-NET_KEYS = ("tap", "mac", "queues", "rom")
+NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off]"
+NET_KEYS = ("tap", "mac", "queues", "mtu", "rom")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class NetSpec:
     tap: str
     mac: bytes | None = None  # None: default_mac(tap, vm_id)
     queues: int | None = None  # queue pairs; None: the machine's choice (one per vCPU)
+    mtu: int | None = None  # offered to the guest and set on the tap; None: 1500 offered, the tap untouched
     rom: str | None = None  # expansion ROM image; None: the machine's default, "off": none
 
 
@@ -58,7 +63,7 @@ def default_mac(tap: str, vm_id: str | int = "") -> bytes:
 
 
 def parse_net_spec(text: str) -> NetSpec:
-    """Parse `tap=NAME[,mac=MAC][,queues=N][,rom=PATH|off]`; ConfigError says what is wrong."""
+    """Parse `tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off]`; ConfigError says what is wrong."""
     _, values = split_options(text, what="net", syntax=NET_SPEC_SYNTAX, known=NET_KEYS)
     if not values.get("tap", "").strip():
         raise ConfigError(f"net {text!r}: no tap=NAME (expected {NET_SPEC_SYNTAX})")
@@ -66,7 +71,7 @@ def parse_net_spec(text: str) -> NetSpec:
 
 
 def net_from_dict(d: dict) -> NetSpec:
-    """{"tap": ..., "mac": ..., "queues": ..., "rom": ...} (a config file's form)."""
+    """{"tap": ..., "mac": ..., "queues": ..., "mtu": ..., "rom": ...} (a config file's form)."""
     where = f"net {d!r}"
     check_dict(d, where=where, known=NET_KEYS, required="tap", missing="no tap=NAME")
     return net_from_values(d, where=where)
@@ -84,6 +89,18 @@ def net_from_values(values: dict, *, where: str) -> NetSpec:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     queues = parse_count(values["queues"], where, "queues", MAX_QUEUE_PAIRS) if "queues" in values else None
+    mtu = parse_mtu(values["mtu"], where) if "mtu" in values else None
     if "rom" in values and not values["rom"]:
         raise ConfigError(f"{where}: rom= needs a PATH (or off)")
-    return NetSpec(tap=values["tap"], mac=mac, queues=queues, rom=values.get("rom"))
+    return NetSpec(tap=values["tap"], mac=mac, queues=queues, mtu=mtu, rom=values.get("rom"))
+
+
+def parse_mtu(value, where: str) -> int:
+    """mtu=N: a whole number from MIN_MTU (68, what IPv4 needs) to MAX_MTU (65535)."""
+    try:
+        mtu = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 10)
+    except ValueError:
+        mtu = 0
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise ConfigError(f"{where}: mtu={value!r} is not a number from {MIN_MTU} to {MAX_MTU}")
+    return mtu
