@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build and cache pyvmm's default guest kit from Debian's packages.
 
-The kit is a stock Debian 6.1 cloud kernel plus a small initramfs:
+The kit is a stock Debian 6.1 cloud kernel plus a small initramfs (`--kernel 6.12`: a second kit,
+beside the first, with Debian 12's 6.12 generic kernel and its own modules):
 
     vmlinuz             the kernel (a bzImage), unmodified
     initramfs.cpio.gz   busybox, the kernel's virtio modules, fio, iperf3, mkfs.ext4, /init
@@ -14,10 +15,11 @@ shell command given base64-encoded as `pyvmm.cmd=` on the kernel command line
 (printing PYVMM-EXIT=<status> and powering off), or else an interactive shell.
 
 Usage:
-    python3 scripts/guestkit.py build [--force]   build the kit unless it is up to date
-    python3 scripts/guestkit.py path              print the kit directory
+    python3 scripts/guestkit.py build [--kernel 6.1|6.12] [--force]   build a kit unless it is up to date
+    python3 scripts/guestkit.py path [--kernel 6.1|6.12]              print its directory
 
-The kit lives in ${PYVMM_KIT_DIR:-${XDG_CACHE_HOME:-~/.cache}/pyvmm/kit}.
+The default kit lives in ${PYVMM_KIT_DIR:-${XDG_CACHE_HOME:-~/.cache}/pyvmm/kit}, the 6.12 one
+in the same place with "-6.12" after its name.
 Only the standard library is used, so the file can also be imported by path.
 Importing it has no side effects.
 """
@@ -54,7 +56,27 @@ SYSTEM_MAP = "System.map"
 MANIFEST = "kit.json"
 REQUIRED_FILES = (VMLINUZ, INITRAMFS, CONFIG)
 
-KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-([0-9]+)-cloud-amd64-unsigned$")
+
+
+@dataclasses.dataclass(frozen=True)
+class KitKernel:
+    """A kernel a kit can be built around: the Debian 12 package (the one whose number the
+    pattern's group makes highest) and what the kit's directory name gets after it."""
+
+    name: str
+    package_re: re.Pattern
+    describe: str
+    dir_suffix: str
+
+
+KIT_KERNELS = {
+    "6.1": KitKernel("6.1", re.compile(r"^linux-image-6\.1\.0-([0-9]+)-cloud-amd64-unsigned$"),
+                     "linux-image-6.1.0-N-cloud-amd64-unsigned (Debian 12's cloud kernel)", ""),
+    "6.12": KitKernel("6.12", re.compile(r"^linux-image-6\.12\.([0-9]+)\+deb12-amd64-unsigned$"),
+                      "linux-image-6.12.N+deb12-amd64-unsigned (Debian 12's 6.12 generic kernel)", "-6.12"),
+}
+DEFAULT_KERNEL = KIT_KERNELS["6.1"]
+KERNEL_PACKAGE_RE = DEFAULT_KERNEL.package_re
 BUSYBOX_PACKAGE = "busybox-static"
 
 # Guest programs taken from the host, with the Debian package providing each.
@@ -270,10 +292,10 @@ def file_sha256(path: Path) -> str:
 # apt
 # --------------------------------------------------------------------------
 
-def newest_kernel(package_names: Iterable[str]) -> str | None:
-    """The linux-image-6.1.0-N-cloud-amd64-unsigned name with the highest N."""
+def newest_kernel(package_names: Iterable[str], choice: KitKernel = DEFAULT_KERNEL) -> str | None:
+    """The package name of `choice` with the highest N (linux-image-6.1.0-N-cloud-amd64-unsigned)."""
     matches = [(int(m.group(1)), m.group(0))
-               for m in map(KERNEL_PACKAGE_RE.match, package_names) if m]
+               for m in map(choice.package_re.match, package_names) if m]
     return max(matches)[1] if matches else None
 
 
@@ -301,14 +323,14 @@ class Apt:
             self.update()
             run(args, env={"DEBIAN_FRONTEND": "noninteractive"})
 
-    def newest_kernel_package(self) -> str:
-        name = newest_kernel(self._search(KERNEL_PACKAGE_RE.pattern))
+    def newest_kernel_package(self, choice: KitKernel = DEFAULT_KERNEL) -> str:
+        name = newest_kernel(self._search(choice.package_re.pattern), choice)
         if name is None and not self.updated:
-            log("apt-cache knows no 6.1 cloud kernel yet")
+            log(f"apt-cache knows no {choice.describe} yet")
             self.update()
-            name = newest_kernel(self._search(KERNEL_PACKAGE_RE.pattern))
+            name = newest_kernel(self._search(choice.package_re.pattern), choice)
         if name is None:
-            raise KitError("apt knows no linux-image-6.1.0-N-cloud-amd64-unsigned package")
+            raise KitError(f"apt knows no {choice.describe}")
         return name
 
     def download(self, packages: Sequence[str], dest: Path) -> dict[str, Path]:
@@ -499,22 +521,33 @@ def load_order(wanted: Iterable[str], depends: Mapping[str, Sequence[str]]) -> l
     return order
 
 
+def builtin_modules(modules_root: Path) -> set[str]:
+    """The modules built into the kernel (modules.builtin), which no kit loads."""
+    try:
+        lines = (modules_root / "modules.builtin").read_text().split()
+    except FileNotFoundError:
+        return set()
+    return {module_name(line) for line in lines}
+
+
 def collect_modules(kernel: Kernel, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
-    """(name, ELF bytes) of `wanted` and their dependencies, in load order."""
+    """(name, ELF bytes) of `wanted` and their dependencies, in load order; those the
+    kernel has built in are left out."""
     index = index_modules(kernel.modules_root)
+    builtin = builtin_modules(kernel.modules_root)
     elves: dict[str, bytes] = {}
     depends: dict[str, list[str]] = {}
-    pending = list(wanted)
+    pending = [name for name in wanted if name not in builtin]
     while pending:
         name = pending.pop()
-        if name in elves:
+        if name in elves or name in builtin:
             continue
         if name not in index:
             raise KitError(f"kernel {kernel.release} has no module {name}")
         elves[name] = read_module(index[name])
         depends[name] = module_depends(elves[name])
         pending.extend(depends[name])
-    return [(name, elves[name]) for name in load_order(wanted, depends)]
+    return [(name, elves[name]) for name in load_order([n for n in wanted if n in elves], depends)]
 
 
 # --------------------------------------------------------------------------
@@ -708,12 +741,14 @@ def build_initramfs(busybox: Path, modules: Sequence[tuple[str, bytes]],
 # The kit directory
 # --------------------------------------------------------------------------
 
-def kit_dir() -> Path:
-    """${PYVMM_KIT_DIR:-${XDG_CACHE_HOME:-~/.cache}/pyvmm/kit}: where pyvmm looks (vmm/kit.py)."""
+def kit_dir(choice: KitKernel = DEFAULT_KERNEL) -> Path:
+    """${PYVMM_KIT_DIR:-${XDG_CACHE_HOME:-~/.cache}/pyvmm/kit}: where pyvmm looks (vmm/kit.py);
+    another kernel's kit beside it, its name with the kernel's suffix."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vmm.kit import kit_dir as pyvmm_kit_dir
 
-    return pyvmm_kit_dir()
+    kit = pyvmm_kit_dir()
+    return kit.with_name(kit.name + choice.dir_suffix)
 
 
 def read_manifest(kit: Path) -> dict | None:
@@ -725,9 +760,10 @@ def read_manifest(kit: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def recipe_digest() -> str:
+def recipe_digest(choice: KitKernel = DEFAULT_KERNEL) -> str:
     """A digest of what this script puts in a kit: a changed /init rebuilds the kit."""
     recipe = {
+        **({} if choice is DEFAULT_KERNEL else {"kernel": choice.package_re.pattern}),
         "format": FORMAT_VERSION,
         "init": INIT_SCRIPT,
         "modules": VIRTIO_MODULES,
@@ -737,12 +773,12 @@ def recipe_digest() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def is_up_to_date(kit: Path) -> bool:
+def is_up_to_date(kit: Path, choice: KitKernel = DEFAULT_KERNEL) -> bool:
     """Whether `kit` is a complete kit of this format and recipe, matching its hashes."""
     manifest = read_manifest(kit)
     if manifest is None or manifest.get("format") != FORMAT_VERSION:
         return False
-    if manifest.get("recipe") != recipe_digest():
+    if manifest.get("recipe") != recipe_digest(choice):
         return False
     hashes = manifest.get("sha256")
     if not isinstance(hashes, dict) or not set(REQUIRED_FILES) <= set(hashes):
@@ -754,12 +790,12 @@ def is_up_to_date(kit: Path) -> bool:
     return True
 
 
-def write_manifest(kit: Path, details: Mapping[str, object]) -> None:
+def write_manifest(kit: Path, details: Mapping[str, object], choice: KitKernel = DEFAULT_KERNEL) -> None:
     """Write kit.json: `details`, the format and recipe, and the hashes of the kit's files."""
     files = [name for name in (*REQUIRED_FILES, SYSTEM_MAP) if (kit / name).is_file()]
     manifest = {
         "format": FORMAT_VERSION,
-        "recipe": recipe_digest(),
+        "recipe": recipe_digest(choice),
         **details,
         "sha256": {name: file_sha256(kit / name) for name in files},
     }
@@ -796,20 +832,20 @@ def _put_in_place(staging: Path, kit: Path) -> None:
         os.rename(staging, kit)
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, choice: KitKernel = DEFAULT_KERNEL) -> Path:
     """Build the kit unless it is up to date (or `force`); returns its directory."""
-    kit = kit_dir()
+    kit = kit_dir(choice)
     kit.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(kit):
         _remove_leftovers(kit)
-        if not force and is_up_to_date(kit):
+        if not force and is_up_to_date(kit, choice):
             print(f"guest kit up to date: {kit}", file=sys.stderr, flush=True)
             return kit
         # Both sit beside the kit, so the next build clears them if this one is killed.
         staging = Path(tempfile.mkdtemp(prefix=f".{kit.name}.building-", dir=kit.parent))
         work = Path(tempfile.mkdtemp(prefix=f".{kit.name}.work-", dir=kit.parent))
         try:
-            _build_into(staging, work)
+            _build_into(staging, work, choice)
             _put_in_place(staging, kit)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -820,9 +856,9 @@ def build(force: bool = False) -> Path:
     return kit
 
 
-def _download_packages(apt: Apt, work: Path) -> tuple[str, dict[str, Path]]:
-    """Download the newest cloud kernel and busybox-static, refreshing apt's lists once if needed."""
-    kernel_package = apt.newest_kernel_package()
+def _download_packages(apt: Apt, work: Path, choice: KitKernel) -> tuple[str, dict[str, Path]]:
+    """Download the newest kernel of `choice` and busybox-static, refreshing apt's lists once if needed."""
+    kernel_package = apt.newest_kernel_package(choice)
     try:
         return kernel_package, apt.download([kernel_package, BUSYBOX_PACKAGE], work)
     except KitError as error:
@@ -830,7 +866,7 @@ def _download_packages(apt: Apt, work: Path) -> tuple[str, dict[str, Path]]:
             raise
         log(f"{error}; retrying after apt-get update")
         apt.update()
-        kernel_package = apt.newest_kernel_package()
+        kernel_package = apt.newest_kernel_package(choice)
         return kernel_package, apt.download([kernel_package, BUSYBOX_PACKAGE], work)
 
 
@@ -842,9 +878,9 @@ def _is_real_system_map(path: Path) -> bool:
         return len(f.read(4096).splitlines()) > 1
 
 
-def _build_into(out: Path, work: Path) -> None:
+def _build_into(out: Path, work: Path, choice: KitKernel = DEFAULT_KERNEL) -> None:
     apt = Apt()
-    kernel_package, debs = _download_packages(apt, work / "debs")
+    kernel_package, debs = _download_packages(apt, work / "debs", choice)
 
     kernel = unpack_kernel(debs[kernel_package], work / "kernel")
     log(f"kernel {kernel.release} ({deb_field(debs[kernel_package], 'Version')})")
@@ -880,7 +916,7 @@ def _build_into(out: Path, work: Path) -> None:
                   for tool, package in GUEST_TOOLS.items()},
         "init": {"ready_line": READY_LINE, "exit_prefix": EXIT_PREFIX, "cmd_param": CMD_PARAM},
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+    }, choice)
 
 
 # --------------------------------------------------------------------------
@@ -893,14 +929,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build the kit unless it is up to date")
     build_parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    commands.add_parser("path", help="print the kit directory")
+    path_parser = commands.add_parser("path", help="print the kit directory")
+    for sub in (build_parser, path_parser):
+        sub.add_argument("--kernel", choices=sorted(KIT_KERNELS), default=DEFAULT_KERNEL.name,
+                         help="the kit's kernel: Debian 12's 6.1 cloud kernel (the default kit) or its 6.12 generic one")
     args = parser.parse_args(argv)
+    choice = KIT_KERNELS[args.kernel]
 
     if args.command == "path":
-        print(kit_dir())
+        print(kit_dir(choice))
         return 0
     try:
-        print(build(force=args.force))
+        print(build(force=args.force, choice=choice))
     except (KitError, OSError) as error:
         print(f"guestkit: error: {error}", file=sys.stderr)
         return 2

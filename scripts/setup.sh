@@ -2,7 +2,7 @@
 # Prepare a Debian 12 machine for pyvmm work, as root:
 #   1. install the Debian packages pyvmm and its tests use,
 #   2. create .venv at the repository root and install pyvmm into it (editable, with test extras),
-#   3. build the default guest kit (scripts/guestkit.py build).
+#   3. build the guest kits (scripts/guestkit.py build: the default one, and the 6.12 one).
 # Each step is skipped when already done, so running it again is quick and quiet.
 # Set PYTHON to choose the interpreter for the virtual environment (default: python3).
 set -euo pipefail
@@ -65,3 +65,4 @@ install_packages
 make_venv
 install_pyvmm
 "$venv/bin/python" "$repo/scripts/guestkit.py" build >/dev/null
+"$venv/bin/python" "$repo/scripts/guestkit.py" build --kernel 6.12 >/dev/null  # (the 6.12 kernel tests)

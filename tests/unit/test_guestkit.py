@@ -292,6 +292,32 @@ def test_newest_kernel_compares_abi_numbers():
     assert guestkit.newest_kernel([]) is None
 
 
+def test_newest_kernel_of_the_612_kit_is_the_generic_one_with_the_highest_patch_level():
+    choice = guestkit.KIT_KERNELS["6.12"]
+    names = [
+        "linux-image-6.12.107+deb12-amd64-unsigned",
+        "linux-image-6.12.118+deb12-amd64-unsigned",
+        "linux-image-6.12.99+deb12-amd64-unsigned",
+        "linux-image-6.12.120+deb12-cloud-amd64-unsigned",  # not the generic flavour
+        "linux-image-6.12.121+deb12-rt-amd64-unsigned",
+        "linux-image-6.12.122+deb12-amd64-dbg",
+        "linux-image-6.1.0-50-cloud-amd64-unsigned",
+    ]
+    assert guestkit.newest_kernel(names, choice) == "linux-image-6.12.118+deb12-amd64-unsigned"
+    assert guestkit.newest_kernel(names) == "linux-image-6.1.0-50-cloud-amd64-unsigned"
+
+
+def test_builtin_modules_are_left_out(tmp_path):
+    """Debian's 6.12 generic kernel has virtio, virtio_ring and virtio_pci built in
+    (modules.builtin): the kit loads only what is a module, with its dependencies."""
+    root = tmp_path / "lib" / "modules" / "6.12.0-test"
+    (root / "kernel" / "drivers").mkdir(parents=True)
+    (root / "modules.builtin").write_text("kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n"
+                                          "kernel/drivers/char/hw_random/virtio-rng.ko\n")
+    assert guestkit.builtin_modules(root) == {"virtio", "virtio_ring", "virtio_rng"}
+    assert guestkit.builtin_modules(tmp_path) == set()  # none listed: none built in
+
+
 def test_parse_ldd_lists_libraries_and_loader():
     output = (
         "\tlinux-vdso.so.1 (0x00007ffd5a1f0000)\n"
@@ -329,6 +355,8 @@ def test_kit_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert guestkit.kit_dir() == tmp_path / "home" / ".cache" / "pyvmm" / "kit"
+    assert guestkit.kit_dir(guestkit.KIT_KERNELS["6.12"]) == tmp_path / "home" / ".cache" / "pyvmm" / "kit-6.12"
+    assert guestkit.recipe_digest(guestkit.KIT_KERNELS["6.12"]) != guestkit.recipe_digest()
 
 
 def _write_fake_kit(kit: Path, tag: str = "one") -> None:
@@ -382,7 +410,7 @@ def test_build_replaces_the_kit_whole(monkeypatch, tmp_path):
     kit = tmp_path / "kit"
     _write_fake_kit(kit, "old")
     monkeypatch.setenv("PYVMM_KIT_DIR", str(kit))
-    monkeypatch.setattr(guestkit, "_build_into", lambda out, work: _write_fake_kit(out, "new"))
+    monkeypatch.setattr(guestkit, "_build_into", lambda out, work, choice: _write_fake_kit(out, "new"))
 
     assert guestkit.build(force=True) == kit
     assert guestkit.read_manifest(kit)["kernel"]["release"] == "new"
@@ -395,7 +423,7 @@ def test_failed_build_leaves_the_old_kit_and_no_debris(monkeypatch, tmp_path):
     _write_fake_kit(kit, "old")
     monkeypatch.setenv("PYVMM_KIT_DIR", str(kit))
 
-    def half_build(out, work):
+    def half_build(out, work, choice):
         (out / guestkit.VMLINUZ).write_text("half\n")
         raise guestkit.KitError("network down")
 
@@ -413,7 +441,7 @@ def test_build_clears_leftovers_of_killed_builds(monkeypatch, tmp_path):
     (tmp_path / ".kit.building-abc123" / "vmlinuz").write_text("half\n")
     (tmp_path / ".kit.work-def456").mkdir()
     monkeypatch.setenv("PYVMM_KIT_DIR", str(kit))
-    monkeypatch.setattr(guestkit, "_build_into", lambda out, work: _write_fake_kit(out))
+    monkeypatch.setattr(guestkit, "_build_into", lambda out, work, choice: _write_fake_kit(out))
     guestkit.build()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".kit.lock", "kit"]
     (tmp_path / ".kit.building-ghi789").mkdir()
@@ -422,7 +450,7 @@ def test_build_clears_leftovers_of_killed_builds(monkeypatch, tmp_path):
 
 
 def test_main_reports_failure_in_one_line_with_status_2(monkeypatch, capsys):
-    def failing_build(force=False):
+    def failing_build(force=False, choice=None):
         raise guestkit.KitError("apt-get download failed: E: Could not resolve deb.debian.org")
 
     monkeypatch.setattr(guestkit, "build", failing_build)
