@@ -55,7 +55,6 @@ import ctypes
 import errno
 import logging
 import os
-import socket
 from functools import partial
 from typing import Callable, Protocol, Sequence
 
@@ -248,6 +247,8 @@ class Tap:
                     if err.errno != errno.EINVAL:  # kernels before 4.1: little-endian hosts do not need it
                         raise TapError(f"tap {name}: TUNSETVNETLE: {err.strerror}") from None
             # The namespace is the opening thread's now; the MTU ioctls may come from any thread.
+            import socket  # (here: checking a --net option loads no socket module)
+
             control = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except BaseException:
             for fd in fds:

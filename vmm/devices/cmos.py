@@ -71,7 +71,6 @@ held and must not call back into the device.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import logging
 import math
@@ -241,11 +240,18 @@ def _fields_from_seconds(seconds: int, weekday_adjust: int) -> _Fields:
     return _Fields(date.year, date.month, date.day, hour, minute, second, weekday)
 
 
+def _days_in_month(year: int, month: int) -> int:
+    """28-31 (the calendar module would do, at ~3 ms of import on every start)."""
+    if month == 12:
+        return 31
+    return (datetime.date(year, month + 1, 1) - datetime.date(year, month, 1)).days
+
+
 def _seconds_from_fields(f: _Fields) -> tuple[int, int]:
     """The time the fields name, and the weekday adjustment that keeps their day of week."""
     year = _clamp(f.year, 1, 9999)
     month = _clamp(f.month, 1, 12)
-    day = _clamp(f.day, 1, calendar.monthrange(year, month)[1])
+    day = _clamp(f.day, 1, _days_in_month(year, month))
     date = datetime.date(year, month, day)
     seconds = (date.toordinal() - _EPOCH_ORDINAL) * _SECONDS_PER_DAY
     seconds += _clamp(f.hour, 0, 23) * 3600 + _clamp(f.minute, 0, 59) * 60 + _clamp(f.second, 0, 59)
