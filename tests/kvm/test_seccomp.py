@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kvm.test_net_driver import netns, run_in_netns  # noqa: F401 (netns: a fixture)
 from tests.support import driver as D
 
 pytestmark = pytest.mark.kvm
@@ -160,3 +161,11 @@ def test_a_kernel_without_seccomp_is_one_note_and_the_vm_runs(tiny, answer, note
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello from a guest in user mode\n"
     assert r.stderr.splitlines() == [f"pyvmm: note: running without a syscall filter: {note}"], r.stderr
+
+
+@pytest.mark.parametrize("scenario, args", [("tx", dict(length=1514, count=200, depth=32)),
+                                            ("rx", dict(sizes=[1514] * 200, init=dict(mrg_rxbuf=True)))])
+def test_a_nic_moves_frames_under_the_filter(netns, driver, tmp_path, scenario, args):
+    """virtio-net under the kill filter: its queues, io_uring (set up when the guest's driver starts
+    the device, after the filter) and the tap, frames byte for byte (test_net_driver's scenarios)."""
+    run_in_netns(netns, driver, tmp_path, scenario, seccomp="kill", **args)
