@@ -16,10 +16,11 @@ import pytest
 from tests.kvm.test_net_driver import netns, run_in_netns  # noqa: F401 (netns: a fixture)
 from tests.support import driver as D
 
-pytestmark = pytest.mark.kvm
+# debian12 (most tests): what a filter may do (actions, clone3 and glibc's fallback) is the host kernel's
+pytestmark = [pytest.mark.kvm,
+              pytest.mark.skipif("Seccomp:" not in Path("/proc/self/status").read_text(),
+                                 reason="this kernel has no seccomp")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "Seccomp:" not in Path("/proc/self/status").read_text():
-    pytestmark = [pytest.mark.kvm, pytest.mark.skip(reason="this kernel has no seccomp")]
 
 
 def threads_of(pid: int) -> dict[str, str]:
@@ -35,13 +36,14 @@ def threads_of(pid: int) -> dict[str, str]:
     return out
 
 
+@pytest.mark.debian12
 @pytest.mark.parametrize("args, mode", [([], "2"), (["--seccomp", "errno"], "2"), (["--seccomp", "off"], "0")])
 def test_pyvmm_run_filters_every_thread_unless_off(tiny, args, mode):
     p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "--program", tiny("spin"), "--cpus", "2",
                           "--console", "none", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # (in the nested KVM, QEMU's emulation: Python starts slowly)
         while time.monotonic() < deadline and not {"vcpu0", "vcpu1"} <= set(threads_of(p.pid)):
             assert p.poll() is None, p.communicate()
             time.sleep(0.05)
@@ -56,18 +58,19 @@ def test_pyvmm_run_filters_every_thread_unless_off(tiny, args, mode):
 
 def test_a_restarted_vm_is_made_under_the_filter(tiny, tmp_path):
     """--on-reboot restart builds each new VM (KVM, guest memory, the disk's image and lock, threads)
-    after the filter is in place: none of that is denied."""
+    after the filter is in place: none of that is denied.  (Not debian12: on Linux 6.1 a SIGTERM
+    that lands in a restart's KVM_CREATE_VM fails it with EINTR, a traceback, filter or not.)"""
     log, image = tmp_path / "console.log", tmp_path / "d.img"
     image.write_bytes(bytes(1 << 20))
     p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "--program", tiny("reboot"), "--on-reboot",
                           "restart", "--console", f"file:{log}", "--disk", str(image), "--seccomp", "kill"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # (each VM's teardown waits on the host kernel: slow when it is busy)
         while time.monotonic() < deadline and (not log.exists() or log.read_text().count("boot") < 3):
             assert p.poll() is None, p.communicate()
             time.sleep(0.1)
-        assert log.read_text().count("boot") >= 3
+        assert log.read_text().count("boot") >= 3, log.read_text()
         assert set(threads_of(p.pid).values()) == {"2"}
     finally:
         p.send_signal(signal.SIGTERM)
@@ -121,6 +124,7 @@ def run_child(driver, tmp_path, mode):
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.debian12
 def test_a_denied_call_on_an_io_thread_kills_pyvmm(driver, tmp_path):
     r = run_child(driver, tmp_path, "kill")
     assert r.returncode == -signal.SIGSYS, (r.returncode, r.stdout, r.stderr)
@@ -129,6 +133,7 @@ def test_a_denied_call_on_an_io_thread_kills_pyvmm(driver, tmp_path):
     assert out[-1] == "trying execve", out  # nothing ran after it, on any thread
 
 
+@pytest.mark.debian12
 def test_a_denied_call_on_an_io_thread_fails_with_eperm(driver, tmp_path):
     r = run_child(driver, tmp_path, "errno")
     assert r.returncode == 0, (r.stdout, r.stderr)
@@ -137,6 +142,7 @@ def test_a_denied_call_on_an_io_thread_fails_with_eperm(driver, tmp_path):
     assert out[1:] == ["execve EPERM", "inet EPERM", "fork EPERM", "job ok"], out  # and the flush completed
 
 
+@pytest.mark.debian12
 @pytest.mark.parametrize("answer, note", [
     ("get_seccomp", "this kernel was built without seccomp (CONFIG_SECCOMP)"),
     ("set_filter", "this kernel refused the filter (EINVAL): it was built without CONFIG_SECCOMP_FILTER"),
@@ -163,6 +169,7 @@ def test_a_kernel_without_seccomp_is_one_note_and_the_vm_runs(tiny, answer, note
     assert r.stderr.splitlines() == [f"pyvmm: note: running without a syscall filter: {note}"], r.stderr
 
 
+@pytest.mark.debian12
 @pytest.mark.parametrize("scenario, args", [("tx", dict(length=1514, count=200, depth=32)),
                                             ("rx", dict(sizes=[1514] * 200, init=dict(mrg_rxbuf=True)))])
 def test_a_nic_moves_frames_under_the_filter(netns, driver, tmp_path, scenario, args):
