@@ -50,8 +50,8 @@ DENIED: dict[str, tuple[str, ...]] = {
                                               "settimeofday", "clock_settime", "sethostname", "setdomainname",
                                               "perf_event_open", "iopl", "ioperm"),
     "reach the kernel's keyrings": ("add_key", "request_key", "keyctl"),
-    "weaken the process (READ_IMPLIES_EXEC, no ASLR) or help exploit kernel races": ("personality",
-                                                                                     "userfaultfd"),
+    "weaken the process (READ_IMPLIES_EXEC, no ASLR)": ("personality",),
+    "stall the kernel on a page fault, a classic help to exploit its races": ("userfaultfd",),
 }
 # The calls with rules of their own (rules 3 and 4 above).
 CLONE_ONLY_THREADS, CLONE3_ENOSYS, SOCKET_ONLY_UNIX = "clone", "clone3", "socket"
