@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with =PATH also write them as JSON to PATH, with the wall times of the process's start and of each "
         "vCPU's first KVM_RUN"))
 
+    run.add_argument("--seccomp", metavar="MODE", help=(
+        "the syscall filter installed once the VM is set up, which denies what a running VMM never needs "
+        "(execve, fork, ptrace, mount, kexec, module loading, bpf, network sockets...; vmm/seccomp/policy.py): "
+        "kill (default: a denied call ends pyvmm with SIGSYS), errno (it fails with EPERM), log (it is allowed "
+        "and the kernel logs it), off (no filter)"))
+
     run.add_argument("--firmware", nargs="?", const="", metavar="PATH", help=(
         "boot a PC BIOS image from the reset vector instead of a kernel: it boots the --disk images (or a NIC's "
         "option ROM); PATH defaults to Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin (package seabios)"))
@@ -154,6 +160,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
                 print(f"pyvmm: note: this host's KVM emulates guest kernel mode: {EMULATED_WARNING}", file=sys.stderr)
             for note in machine.notes:
                 print(f"pyvmm: note: {note}", file=sys.stderr)
+            lock_down(cfg.seccomp)  # set-up done, the vCPUs not yet started; a restart's VM is made under it
             first = False
         try:
             status = machine.run()
@@ -170,6 +177,20 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
             print(f"\npyvmm: {message}", file=sys.stderr)
         return status
     return EXIT_OK
+
+
+def lock_down(mode: str) -> None:
+    """Install the --seccomp filter on the whole process, for the rest of its life; where the kernel
+    cannot, or falls back, say so in one line on stderr and go on (a VMM that refused to start
+    there would only push users to --seccomp off everywhere; with off, nothing is said)."""
+    from . import seccomp
+
+    try:
+        note = seccomp.install(mode)
+    except seccomp.SeccompUnavailable as e:
+        note = f"running without a syscall filter: {e}"
+    if note:
+        print(f"pyvmm: note: {note}", file=sys.stderr)
 
 
 def report_exit_stats(cfg, profiles: list[list], main_start_wall: float | None) -> None:

@@ -240,6 +240,10 @@ class Peer:
         return out
 
     def run(self, cmds, **kw):
+        if self.p.get("seccomp"):  # as pyvmm run does: the filter from the vCPUs' start (tests/kvm/test_seccomp.py)
+            from vmm.cli import lock_down
+
+            lock_down(self.p["seccomp"])
         return D.run_driver(self.m, cmds, timeout=kw.pop("timeout", 120), **kw)
 
     def close(self):

@@ -74,6 +74,16 @@ def test_stats_option(kernel):
         VmConfig.from_dict({"stats": 3})
 
 
+def test_seccomp_option(kernel):
+    assert VmConfig().seccomp == VmConfig.from_dict({}).seccomp == "kill"
+    for mode in ("kill", "errno", "log", "off"):
+        assert VmConfig.from_dict({"seccomp": mode}).seccomp == mode
+        c = config.from_args(cli.build_parser().parse_args(["run", "--program", kernel, "--seccomp", mode]))
+        assert c.seccomp == mode
+    with pytest.raises(ConfigError, match="--seccomp 'KILL': use kill or errno or log or off"):
+        VmConfig.from_dict({"seccomp": "KILL"})
+
+
 def test_config_is_frozen():
     c = VmConfig(disks=[DiskSpec("a.img")])
     assert c.disks == (DiskSpec("a.img"),)
@@ -135,6 +145,8 @@ def test_console_file_in_a_missing_directory_exits_2():
     (["--firmware", "{bios}", "--net", "tap=t0,rom=/no/such.rom"], ["rom", "/no/such.rom"]),
     (["--stats=/no/such/dir/stats.json"], ["--stats", "/no/such/dir", "does not exist"]),
     (["--stats={tmp}"], ["--stats", "is a directory"]),
+    (["--seccomp", "strict"], ["--seccomp 'strict'", "kill or errno or log or off"]),
+    (["--seccomp="], ["--seccomp ''"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, kernel, args, words):
     bios = tmp_path / "bios.bin"

@@ -12,6 +12,7 @@ from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
 from .net import NetSpec, net_from_dict, parse_net_spec
 from .options import MiB, ConfigError, parse_size
+from ..seccomp import MODES as SECCOMP_MODES
 
 PAGE_SIZE = 4096
 MIN_MEM = 16 * MiB
@@ -21,7 +22,7 @@ CONSOLE_SYNTAX = "stdio, file:PATH or none"
 ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: the kernel's own entry
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
-           "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats")
+           "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class VmConfig:
     firmware_log: str | None = None    # where the firmware's debug port (0x402) output goes
     stats: bool = False                # profile the vCPUs' exits (vmm/exit_stats.py), a table on stderr
     stats_json: str | None = None      # and the same as JSON in this file
+    seccomp: str = SECCOMP_MODES[0]    # the syscall filter `pyvmm run` installs once set up (vmm/seccomp)
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -65,6 +67,7 @@ def from_dict(d: dict) -> VmConfig:
     common = dict(mem_size=_mem(d.get("mem", DEFAULT_MEM)), cpus=_cpus(d.get("cpus", 1)),
                   console=_console(d.get("console", "stdio")), cpuid_mask=_cpuid_mask(d.get("cpuid_mask", "auto")),
                   on_reboot=_choice(d, "on_reboot", ON_REBOOT), name=str(d.get("name", "pyvmm")),
+                  seccomp=_choice(d, "seccomp", SECCOMP_MODES),
                   **_stats(d.get("stats", False)),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
