@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -155,6 +156,12 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
             machine = Machine(cfg, kvm=kvm, console_in=console_in)
         except (KernelImageError, ImageError, TapError, FirmwareError) as e:
             raise UsageError(str(e)) from None
+        except OSError as e:
+            # A stop signal while a VM is being made (between two boots, --on-reboot restart) can
+            # interrupt one of its ioctls (KVM_CREATE_VM: EINTR): the stop asked for, not an error.
+            if e.errno == errno.EINTR and stopped:
+                break
+            raise
         if first:
             if cfg.kernel_mode_native is False:
                 print(f"pyvmm: note: this host's KVM emulates guest kernel mode: {EMULATED_WARNING}", file=sys.stderr)
