@@ -82,6 +82,9 @@ def grub_cfg(kernel: str, initrd: str) -> str:
 
 
 FSTAB = f"{ROOT_DEVICE} / ext4 defaults 0 0\n"
+# The serial getty waits for udev to announce ttyS0; in a busy nested KVM that took past systemd's
+# 90 s device timeout, so the prompt never came: the wait is left to the caller's own bound.
+DROP_INS = {"dev-ttyS0.device.d/pyvmm-timeout.conf": "[Unit]\nJobTimeoutSec=infinity\nJobRunningTimeoutSec=infinity\n"}
 
 
 def debroot_dir() -> Path:
@@ -93,7 +96,7 @@ def debroot_dir() -> Path:
 def recipe_digest() -> str:
     recipe = {"format": FORMAT_VERSION, "suite": SUITE, "packages": PACKAGES, "hostname": HOSTNAME,
               "size": DISK_SIZE, "cmdline": CMDLINE, "grub": grub_cfg("K", "I"), "fstab": FSTAB,
-              "masked": MASKED_UNITS, "pruned": PRUNED, "grub_modules": mbrdisk.GRUB_MODULES}
+              "masked": MASKED_UNITS, "drop_ins": DROP_INS, "pruned": PRUNED, "grub_modules": mbrdisk.GRUB_MODULES}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
@@ -175,6 +178,10 @@ def _configure(root: Path) -> tuple[str, str]:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+    for name, text in DROP_INS.items():
+        path = root / "etc/systemd/system" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     for pruned in PRUNED:
         path = root / pruned
         if path.is_dir() and not path.is_symlink():
