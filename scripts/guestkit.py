@@ -42,7 +42,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -751,10 +751,10 @@ def kit_dir(choice: KitKernel = DEFAULT_KERNEL) -> Path:
     return kit.with_name(kit.name + choice.dir_suffix)
 
 
-def read_manifest(kit: Path) -> dict | None:
-    """kit.json's contents, or None if it is missing or unreadable."""
+def read_manifest(kit: Path, name: str = MANIFEST) -> dict | None:
+    """kit.json's contents (or another manifest's), or None if it is missing or unreadable."""
     try:
-        manifest = json.loads((kit / MANIFEST).read_text())
+        manifest = json.loads((kit / name).read_text())
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
@@ -813,10 +813,13 @@ def _build_lock(kit: Path) -> Iterator[None]:
             os.lockf(lock.fileno(), os.F_ULOCK, 0)
 
 
-def _remove_leftovers(kit: Path) -> None:
-    """Delete what killed builds left behind (only called under the build lock)."""
+def _remove_leftovers(kit: Path, before_removal: Callable[[Path], None] | None = None) -> None:
+    """Delete what killed builds left behind (only called under the build lock); `before_removal`
+    sees each leftover first."""
     for pattern in (f".{kit.name}.building-*", f".{kit.name}.work-*", f".{kit.name}.old-*"):
         for leftover in kit.parent.glob(pattern):
+            if before_removal is not None:
+                before_removal(leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -841,19 +844,28 @@ def build(force: bool = False, choice: KitKernel = DEFAULT_KERNEL) -> Path:
         if not force and is_up_to_date(kit, choice):
             print(f"guest kit up to date: {kit}", file=sys.stderr, flush=True)
             return kit
-        # Both sit beside the kit, so the next build clears them if this one is killed.
-        staging = Path(tempfile.mkdtemp(prefix=f".{kit.name}.building-", dir=kit.parent))
-        work = Path(tempfile.mkdtemp(prefix=f".{kit.name}.work-", dir=kit.parent))
-        try:
-            _build_into(staging, work, choice)
-            _put_in_place(staging, kit)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        build_in_place(kit, lambda staging, work: _build_into(staging, work, choice))
     log(f"guest kit built: {kit}")
     return kit
+
+
+def build_in_place(target: Path, build_into: Callable[[Path, Path], None],
+                   before_removal: Callable[[Path], None] | None = None) -> None:
+    """Run build_into(staging, work) in two fresh directories beside `target` (so the next build
+    clears them if this one is killed), then put staging in target's place; called under the build
+    lock.  `before_removal` sees the work directory before it is deleted."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.work-", dir=target.parent))
+    try:
+        build_into(staging, work)
+        _put_in_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if before_removal is not None:
+            before_removal(work)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _download_packages(apt: Apt, work: Path, choice: KitKernel) -> tuple[str, dict[str, Path]]:
@@ -939,13 +951,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "path":
         print(kit_dir(choice))
         return 0
+    return print_built("guestkit", lambda: build(force=args.force, choice=choice))
+
+
+def print_built(prog: str, build_it: Callable[[], Path], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """A build command's end: print what build_it() built and return 0; a KitError, an OSError or
+    one of `errors` in one line and 2; 130 when interrupted."""
     try:
-        print(build(force=args.force, choice=choice))
-    except (KitError, OSError) as error:
-        print(f"guestkit: error: {error}", file=sys.stderr)
+        print(build_it())
+    except (KitError, OSError, *errors) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("guestkit: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -194,16 +194,7 @@ def build(force: bool = False) -> Path:
     with gk._build_lock(kit):
         if not force and is_up_to_date(kit):
             return kit
-        staging = Path(tempfile.mkdtemp(prefix=f".{kit.name}.building-", dir=kit.parent))
-        work = Path(tempfile.mkdtemp(prefix=f".{kit.name}.work-", dir=kit.parent))
-        try:
-            _build_into(staging, work)
-            gk._put_in_place(staging, kit)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        gk.build_in_place(kit, _build_into)
     gk.log(f"nested L1 kit built: {kit}")
     return kit
 

@@ -2,7 +2,8 @@
 # Prepare a Debian 12 machine for pyvmm work, as root:
 #   1. install the Debian packages pyvmm and its tests use,
 #   2. create .venv at the repository root and install pyvmm into it (editable, with test extras),
-#   3. build the guest kits (scripts/guestkit.py build: the default one, and the 6.12 one).
+#   3. build the guest kits (scripts/guestkit.py build: the default one, and the 6.12 one) and the
+#      Debian 12 root disk image of tests/linux/test_debian_root.py (scripts/debroot.py build).
 # Each step is skipped when already done, so running it again is quick and quiet.
 # Set PYTHON to choose the interpreter for the virtual environment (default: python3).
 set -euo pipefail
@@ -15,7 +16,7 @@ stamp=$venv/.pyvmm-setup
 packages=(
     python3 python3-venv python3-pip gcc binutils make busybox-static fio iperf3 strace
     qemu-system-x86 iproute2 iputils-ping lz4 zstd xz-utils bzip2 dpkg-dev cpio libc6-dev linux-libc-dev acpica-tools
-    seabios ipxe-qemu dnsmasq-base grub-pc-bin xorriso mtools e2fsprogs
+    seabios ipxe-qemu dnsmasq-base grub-pc-bin xorriso mtools e2fsprogs debootstrap
 )
 
 say() { echo "setup: $*" >&2; }
@@ -66,3 +67,4 @@ make_venv
 install_pyvmm
 "$venv/bin/python" "$repo/scripts/guestkit.py" build >/dev/null
 "$venv/bin/python" "$repo/scripts/guestkit.py" build --kernel 6.12 >/dev/null  # (the 6.12 kernel tests)
+"$venv/bin/python" "$repo/scripts/debroot.py" build >/dev/null  # (test_debian_root.py; minutes the first time)
