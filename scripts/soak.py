@@ -45,6 +45,7 @@ HOST_IP, GUEST_IP = "10.0.7.1", "10.0.7.2"
 WARMUP_CYCLES, WARMUP_S = 3, 30  # boots / seconds after the first round of I/O, before sampling counts
 RSS_SLACK_KIB = 4096  # allocator noise: Python's arenas, thread stacks touched once
 SAMPLE_EVERY_S = 15
+CYCLE_BOUND_S = 420  # one boot, its I/O and its reboot in a loaded L1 (~50 s usually); past it: stuck
 ERROR_LINE = re.compile(r"error|traceback", re.IGNORECASE)
 
 
@@ -88,6 +89,22 @@ def sample(pid: int) -> dict | None:
     return {"t": round(time.monotonic(), 1), "fds": fds, "threads": threads, "rest_kib": rss.get("rest_kib")}
 
 
+def where_stuck(pid: int, console: list[str], stderr_lines: list[str]) -> dict:
+    """What a pyvmm that stopped making progress was doing: each thread's name, state and kernel
+    stack (root), the console's and stderr's last lines."""
+    threads = {}
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            name = (task / "comm").read_text().strip()
+            state = re.search(r"^State:\s+(.*)$", (task / "status").read_text(), re.M).group(1)
+            stack = (task / "stack").read_text().split("\n")[:6] if os.access(task / "stack", os.R_OK) else []
+        except (OSError, AttributeError):
+            continue
+        threads[f"{task.name} {name}"] = {"state": state, "stack": [line.split(" ", 1)[-1] for line in stack if line]}
+    return {"threads": threads, "console": [line.rstrip() for line in console[-15:]],
+            "stderr": [line.rstrip() for line in stderr_lines[-10:]]}
+
+
 def flat(samples: list[dict]) -> dict:
     """Whether descriptors and threads never changed and the rest of RSS grew by less than the slack."""
     rss = [s["rest_kib"] for s in samples if s.get("rest_kib") is not None]
@@ -129,9 +146,10 @@ def run_cycles(cycles: int, work: Path) -> dict:
     disk = work / "cycles.img"
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
-    samples, seen, stderr_lines = [], [], []
+    samples, seen, stderr_lines, console = [], [], [], []
     state = {"disk_ok": 0, "net_ok": 0, "last": None}
     start = time.monotonic()
+    stuck = None
     with namespace_with_tap() as ns:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *pyvmm_argv(cycle_command(cycles), str(disk), "tap0",
                                                                         "--on-reboot", "restart")],
@@ -139,6 +157,8 @@ def run_cycles(cycles: int, work: Path) -> dict:
                                 text=True, errors="replace")
 
         def on_line(line: str) -> None:
+            console.append(line)
+            del console[:-40]
             if "PYVMM-READY" in line:
                 s = sample(proc.pid)
                 if s:
@@ -153,18 +173,28 @@ def run_cycles(cycles: int, work: Path) -> dict:
         out = stream(proc, on_line)
         err = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
         err.start()
-        try:
-            status = proc.wait(timeout=cycles * 180 + 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            status = proc.wait()
+        status = None
+        while status is None:
+            try:
+                status = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                last = samples[-1]["t"] if samples else start
+                if time.monotonic() - max(last, start) > CYCLE_BOUND_S:
+                    stuck = where_stuck(proc.pid, console, stderr_lines)
+                    print(f"  stuck: no ready line for {CYCLE_BOUND_S} s:\n{json.dumps(stuck, indent=1)}", flush=True)
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        status = proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        status = f"killed: no exit 60 s after SIGTERM (then {proc.wait()})"
         out.join(10)
         err.join(10)
     errors = [line.rstrip() for line in stderr_lines if ERROR_LINE.search(line)]
     steady = flat(samples[WARMUP_CYCLES:])
     ok = (status == 0 and seen == list(range(1, cycles + 1)) and state["disk_ok"] == cycles
-          and state["net_ok"] == cycles and steady["ok"] and not errors)
-    return {"cycles": cycles, "exit_status": status, "counter": seen[-1] if seen else 0,
+          and state["net_ok"] == cycles and steady["ok"] and not errors and stuck is None)
+    return {"cycles": cycles, "exit_status": status, "counter": seen[-1] if seen else 0, "stuck": stuck,
             "disk_ok": state["disk_ok"], "net_ok": state["net_ok"], "seconds": round(time.monotonic() - start),
             "steady": steady, "first_samples": samples[:WARMUP_CYCLES], "error_lines": errors[:20], "ok": ok}
 
