@@ -193,11 +193,11 @@ def reference_walk(mem, ring: Ring, head: int) -> Walked | None:
 def plant(fdp: atheris.FuzzedDataProvider, mem, ring: Ring, payload) -> None:
     """Write `payload(fdp)` (a device's header, a command) at the start of up to 8 buffers the
     input picks among the descriptors laid out, as far as RAM goes: without it a device would
-    only ever see the fill bytes."""
+    only ever see the fill bytes.  The available and used rings are left alone."""
     tables = [(DESC_TABLE, ring.size)] + [(t, MAX_INDIRECT_ENTRIES) for t in INDIRECT_TABLES]
     for _ in range(fdp.ConsumeIntInRange(0, 8)):
         base, entries = tables[fdp.ConsumeIntInRange(0, len(tables) - 1)]
         addr = mem.unpack(DESC, base + 16 * fdp.ConsumeIntInRange(0, entries - 1))[0]
-        data = payload(fdp)
-        if 0 <= addr < RAM_SIZE:
-            mem.write(addr, data[: RAM_SIZE - addr])
+        data = payload(fdp)[: max(RAM_SIZE - addr, 0)]
+        if 0 <= addr < RAM_SIZE and not (addr < USED_RING + 0x400 and AVAIL_RING < addr + len(data)):
+            mem.write(addr, data)  # (not over the rings' indices and heads: the target has read them)

@@ -6,6 +6,7 @@
     ...the device processes the queue...
     check_used(mem, ring, refs)            # elements for heads made available, none too long
 
+`aliased(heads, buffers)`: whether requests may overwrite each other's results.
 `broken(ring)`: whether the device must give up on the queue (NEEDS_RESET): avail.idx too far
 ahead, or a head the used ring cannot name.
 """
@@ -46,6 +47,13 @@ def start(dev, ring: Ring, features: int = 0) -> None:
 
 def broken(ring: Ring) -> bool:
     return ring.pending > ring.size or any(h >= ring.size for h in ring.heads)
+
+
+def aliased(heads: list[int], buffers: list[tuple[int, int]]) -> bool:
+    """Whether the driver made a chain available twice or let buffers overlap: then what one
+    request wrote, another may overwrite (a header, a status byte), and only where-checks hold."""
+    spans = sorted(buffers)
+    return len(set(heads)) < len(heads) or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:]))
 
 
 def check_used(mem, ring: Ring, refs: dict[int, Walked | None], *, once: bool = False) -> list[tuple[int, int]]:
