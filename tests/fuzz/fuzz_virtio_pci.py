@@ -10,7 +10,8 @@ interrupt routing and ioeventfds.  Asserts after each access:
   * a queue is ready only with a power-of-2 size up to its maximum and its three areas
     aligned and in guest RAM (else NEEDS_RESET); DRIVER_OK / FEATURES_OK only with features
     the device offers, VERSION_1 among them;
-  * MSI-X vectors in use are in the table or NO_VECTOR; INTx is raised exactly when the ISR
+  * MSI-X on and function-masked exactly as Message Control says; vectors in use are in the
+    table or NO_VECTOR; INTx is raised exactly when the ISR
     is non-zero, MSI-X off and INTx not disabled;
   * one ioeventfd per queue while BAR 0 is mapped, none otherwise.
 """
@@ -29,6 +30,7 @@ with harness.instrumented():
     from virtio.device import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1
     from virtio.pci import VIRTIO_MSI_NO_VECTOR, VirtioPciDevice
     from virtio.queue import avail_ring_size, desc_table_size, used_ring_size
+    from vmm.pci.msix import MSIX_ENABLE, MSIX_FUNCTION_MASK, MSIX_MESSAGE_CONTROL
 
 MEM = CheckedMemory(0x10000)
 IRQ, VM = FakeIrq(), FakeVm()
@@ -59,6 +61,9 @@ def _check_state(mapped: bool) -> None:
         check(dev.status & VIRTIO_CONFIG_S_FEATURES_OK, "DRIVER_OK without FEATURES_OK")
     for vector in [PCI.config_vector, *PCI.queue_vectors]:
         check(vector == VIRTIO_MSI_NO_VECTOR or vector < PCI.msix.size, f"MSI-X vector {vector} is not in the table")
+    control = PCI.msix.get(MSIX_MESSAGE_CONTROL, 2)
+    check((PCI.msix.enabled, PCI.msix.function_masked) == (bool(control & MSIX_ENABLE), bool(control & MSIX_FUNCTION_MASK)),
+          f"MSI-X state is not Message Control's {control:#x}")
     intx = PCI.isr != 0 and not PCI.msix.enabled and not PCI.config.intx_disabled
     check(IRQ.lines.get(17, False) == intx, f"INTx is {IRQ.lines.get(17)}, ISR {PCI.isr:#x}")
     check(len(VM.ioeventfds) == (len(dev.queues) if mapped else 0), f"{len(VM.ioeventfds)} ioeventfds")
@@ -92,7 +97,8 @@ def one_input(data: bytes) -> None:
             if got is not None and op.offset == 0x12 and op.size == 2:
                 check(got == len(PCI.device.queues), f"num_queues reads {got}")
         elif kind == 7:
-            PCI.config.write(op.offset % 0x100, op.size if op.size < 8 else 4, op.value & 0xFFFFFFFF)
+            size = op.size if op.size < 8 else 4  # a config cycle: 1, 2 or 4 bytes, naturally aligned
+            PCI.config.write(op.offset % 0x100 // size * size, size, op.value & 0xFFFFFFFF)
         elif kind == 8:
             what = op.value % 4
             if what < 3:
