@@ -46,7 +46,7 @@ def one_input(data: bytes) -> None:
     rtc = cmos.CmosRtc(mem_below_4g=fdp.ConsumeIntInRange(0, 4 << 30), mem_above_4g=fdp.ConsumeIntInRange(0, 1 << 40),
                        clock=clock)
     ram: dict[int, int] = {}
-    for op in accesses(fdp, [(3, 0, 0), (3, 1, 1), (1, 0, 4)], max_ops=96):
+    for op in accesses(fdp, [(3, 0, 0), (3, 1, 1), (1, 0, 4)], max_ops=24):
         if op.write and op.offset == cmos.INDEX_OFFSET and op.size == 1 and fdp.ConsumeBool():
             op = type(op)(True, 0, 1, fdp.ConsumeIntInRange(0, 0x0D) | fdp.ConsumeIntInRange(0, 1) << 7)
         index = rtc._index

@@ -33,7 +33,7 @@ def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     resets: list[int] = []
     dev = kbc.I8042(on_reset=lambda: resets.append(1))
-    for op in accesses(fdp, [(4, 0, 0), (4, 4, 4), (1, 0, 8)], max_ops=96):
+    for op in accesses(fdp, [(4, 0, 0), (4, 4, 4), (1, 0, 8)], max_ops=24):
         if op.write and op.offset == kbc.COMMAND_OFFSET and op.size == 1 and fdp.ConsumeBool():
             op = type(op)(True, op.offset, 1, COMMANDS[fdp.ConsumeIntInRange(0, len(COMMANDS) - 1)])
         before, count = _state(dev), len(resets)

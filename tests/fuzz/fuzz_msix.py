@@ -50,7 +50,7 @@ def one_input(data: bytes) -> None:
     cap = MsixCapability(FakeIrq(), vectors, table_bar=0, table_offset=TABLE_OFF, pba_bar=0, pba_offset=PBA_OFF)
     at = config.add_capability(cap)
     regions = [(4, 0, table_bytes(vectors) + 7), (1, 0, pba_bytes(vectors) + 7), (2, at, at + 11), (1, 0, 3)]
-    for op in accesses(fdp, regions):
+    for op in accesses(fdp, regions, max_ops=24):
         kind = fdp.ConsumeIntInRange(0, 4)
         if kind <= 1:
             index, rel = divmod(op.offset, 16)

@@ -119,7 +119,7 @@ def one_input(data: bytes) -> None:
     m = _Machine()
     ports, ecam = _ConfigPorts(m.pio), _Ecam(m.mmio)
     try:
-        for op in accesses(fdp, [(6, 0, 0x48), (3, 0x48, 0xFF), (1, 0x100, 0xFFF)]):
+        for op in accesses(fdp, [(6, 0, 0x48), (3, 0x48, 0xFF), (1, 0x100, 0xFFF)], max_ops=24):
             slot, function = fdp.ConsumeIntInRange(0, 4), fdp.ConsumeIntInRange(0, 8) // 8
             if fdp.ConsumeBool():
                 ports.write(0, 4, _cf8(slot, function, op.offset))

@@ -42,7 +42,7 @@ def one_input(data: bytes) -> None:
     line = _Line()
     size = fdp.ConsumeIntInRange(uart.HARDWARE_FIFO_SIZE, 64)
     dev = uart.Serial16550(line.output, line.set_irq, rx_buffer_size=size)
-    for op in accesses(fdp, [(8, 0, 7), (1, 0, 16)], max_ops=96):
+    for op in accesses(fdp, [(8, 0, 7), (1, 0, 16)], max_ops=24):
         sent, wrote = len(line.sent), False
         if fdp.ConsumeIntInRange(0, 5):
             wrote = op.write

@@ -90,7 +90,7 @@ def one_input(data: bytes) -> None:
     PCI.msix.reset()
     PCI.bar_mapped(0, BAR_ADDRESS)
     mapped = True
-    for op in accesses(fdp, REGIONS):
+    for op in accesses(fdp, REGIONS, max_ops=32):
         kind = fdp.ConsumeIntInRange(0, 9)
         if kind <= 6:
             got = op.apply(BAR)
