@@ -4,7 +4,8 @@
 (a frame of some length, EAGAIN, an error), checks that every memoryview it is handed inside
 guest RAM lies inside the buffers the target allows (views of the path's own host memory,
 the scratch byte and spill rows, are not guest memory and pass), and counts.  Once the input
-is spent, reads find nothing (EAGAIN) and writes succeed, so every path can finish.
+is spent (or `scripted` is cleared), reads find nothing (EAGAIN) and writes succeed, so every
+path can finish.
 `context()` is the PathContext a VirtioNet gives its paths, with VirtioDevice's chain-error
 rule.  `NullTap` is a NetBackend with eventfds for fds, for the control-queue target.
 """
@@ -37,6 +38,7 @@ class ScriptedIo:
         self.mem, self.fdp, self.allowed = mem, fdp, allowed
         self.frames: list[int] = []  # lengths of the frames read or written
         self.calls = 0
+        self.scripted = True  # False: the input is not asked any more (as when it is spent)
 
     def _views_ok(self, views) -> None:
         guest = [v for v in views if self.mem.in_mapping(v)]
@@ -47,7 +49,7 @@ class ScriptedIo:
 
     def readv(self, views) -> int:
         self._views_ok(views)
-        what = self.fdp.ConsumeIntInRange(0, 7) if self.fdp.remaining_bytes() else 7
+        what = self.fdp.ConsumeIntInRange(0, 7) if self.scripted and self.fdp.remaining_bytes() else 7
         if what == 7:
             raise BlockingIOError(errno.EAGAIN, "empty")
         if what == 6:
@@ -64,7 +66,7 @@ class ScriptedIo:
 
     def writev(self, views) -> int:
         self._views_ok(views)
-        what = self.fdp.ConsumeIntInRange(0, 7) if self.fdp.remaining_bytes() else 0
+        what = self.fdp.ConsumeIntInRange(0, 7) if self.scripted and self.fdp.remaining_bytes() else 0
         if what == 7:
             raise BlockingIOError(errno.EAGAIN, "full")
         if what == 6:

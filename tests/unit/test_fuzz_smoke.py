@@ -1,7 +1,7 @@
 """The fuzz targets of tests/fuzz, each run briefly (the CI smoke test), and the campaign
 script's parsing and arguments (scripts/fuzz.py).
 
-Each target runs in a subprocess for a few thousand inputs or 3 s, from its seed corpus into
+Each target runs in a subprocess for 2000 inputs or 2 s, from its seed corpus into
 a temporary one; a crash or broken invariant fails with libFuzzer's output.  The long runs
 are the campaign's (README: Fuzzing).
 """
@@ -35,7 +35,7 @@ def test_target_runs_clean(target, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", f"tests.fuzz.{target}", "-runs=3000", "-max_total_time=3", "-max_len=1024",
+        [sys.executable, "-m", f"tests.fuzz.{target}", "-runs=2000", "-max_total_time=2", "-max_len=1024",
          "-timeout=10", f"-artifact_prefix={tmp_path}/", str(corpus), str(ROOT / "tests" / "fuzz" / "corpus" / target)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=120,
     )
