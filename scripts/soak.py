@@ -81,8 +81,11 @@ def namespace_with_tap(servers: bool = False):
 def sample(pid: int) -> dict | None:
     """The process's open descriptors, threads and resident KiB besides guest RAM (None once gone)."""
     try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        if re.search(r"^State:\s+Z", status, re.M):
+            return None  # exited, not yet reaped
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-        threads = int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+        threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
     except (OSError, AttributeError):
         return None
     rss = resident_split(pid) or {}
@@ -196,7 +199,8 @@ def run_cycles(cycles: int, work: Path) -> dict:
           and state["net_ok"] == cycles and steady["ok"] and not errors and stuck is None)
     return {"cycles": cycles, "exit_status": status, "counter": seen[-1] if seen else 0, "stuck": stuck,
             "disk_ok": state["disk_ok"], "net_ok": state["net_ok"], "seconds": round(time.monotonic() - start),
-            "steady": steady, "first_samples": samples[:WARMUP_CYCLES], "error_lines": errors[:20], "ok": ok}
+            "steady": steady, "first_samples": samples[:WARMUP_CYCLES], "error_lines": errors[:20],
+            "stderr_tail": [x.rstrip() for x in stderr_lines[-10:]], "ok": ok}
 
 
 # -- 2: two VMs doing I/O at once --------------------------------------------------------------------------
@@ -258,7 +262,8 @@ def run_concurrent(minutes: float, work: Path) -> dict:
             ok = (status == 0 and steady["ok"] and not errors and c.get("FIO-OK", 0) > 0 and c.get("IPERF-OK", 0) > 0
                   and not c.get("FIO-BAD") and not c.get("IPERF-BAD"))
             results.append({"exit_status_on_sigterm": status, "counts": c, "steady": steady,
-                            "error_lines": errors[:20], "ok": ok})
+                            "error_lines": errors[:20], "stderr_tail": [x.rstrip() for x in vm["stderr"][-10:]],
+                            "ok": ok})
     return {"minutes": minutes, "vms": results, "ok": all(r["ok"] for r in results)}
 
 
