@@ -16,7 +16,8 @@ L1's console is echoed live, prefixed `L1| `.  An item that L1 never reported on
 crashed) fails, saying why, with the end of L1's console.
 
 A relayed test that failed because a stock guest died of a triple fault in L1 (pyvmm's
-"triple fault (KVM_EXIT_SHUTDOWN)") runs again in a fresh L1, at most L2_TRIPLE_FAULT_RERUNS times.  In L1 a stock SMP guest now and then
+"triple fault (KVM_EXIT_SHUTDOWN)"), or of a CPU fault in its kernel ("Kernel panic - not syncing:
+Fatal exception": seen once, a vCPU executing from inside an instruction another had just patched), runs again in a fresh L1, at most L2_TRIPLE_FAULT_RERUNS times.  In L1 a stock SMP guest now and then
 dies so, at random points (booting, in fio), one in a few dozen boots: seen only in the nested KVM,
 where QEMU's TCG emulates SVM with one host thread per L1 vCPU; whether pyvmm or the emulated SVM is at
 fault is still open (the VMCB is reset on a shutdown intercept, so no state survives to show).  Each
@@ -51,6 +52,11 @@ L1_STOPS_PER_TEST = 3  # a test during which L1 stops this often fails
 L1_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test in L1; L1 silent 2 minutes longer is stopped
 L1_STALL_TIMEOUT = 120  # L1 whose heartbeat is this old (seconds) has frozen: stopped
 L2_TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"  # what pyvmm prints when a vCPU shuts down
+# What a stock guest prints when its CPU faults inside the kernel (an oops in an interrupt).  Seen in L1
+# once: a 2-vCPU guest executing from the middle of a static-branch jump just patched (text_poke) on
+# another vCPU - an instruction fetch no CPU can make, the emulated SVM's as the triple faults are.
+L2_KERNEL_FAULT = "Kernel panic - not syncing: Fatal exception"
+L2_DEATHS = (L2_TRIPLE_FAULT, L2_KERNEL_FAULT)
 L2_TRIPLE_FAULT_RERUNS = 2  # a test failing with it runs again in a fresh L1 at most this often
 
 
@@ -131,15 +137,17 @@ class Relay:
                 return
             for nodeid in again:
                 self.reruns[nodeid].append(self._triple_fault(nodeid))
-                self._echo(f"{nodeid}: its guest died of a triple fault in L1; running it again in a fresh L1")
+                self._echo(f"{nodeid}: its guest died of a triple fault or a kernel CPU fault in L1; running it again "
+                           "in a fresh L1")
                 del self.reports[nodeid]  # the rerun's reports stand for it
             self._run_all(nested, again, deadline)
 
     def _triple_fault(self, nodeid: str) -> str:
-        """The failure text of `nodeid` where its guest died of a triple fault, else ''."""
+        """The failure text of `nodeid` where its guest died of a triple fault (or of a CPU fault in
+        its kernel, L2_KERNEL_FAULT), else ''."""
         for report in self.reports.get(nodeid, []):
             text = str(report.longrepr) if report.failed else ""
-            if L2_TRIPLE_FAULT in text:
+            if any(death in text for death in L2_DEATHS):
                 return text
         return ""
 
@@ -286,7 +294,7 @@ def pytest_terminal_summary(terminalreporter):
     relay = terminalreporter.config.stash.get(_relay_key, None)
     if relay is None or not relay.reruns:
         return
-    terminalreporter.section("tests run again after a triple fault in the nested KVM")
+    terminalreporter.section("tests run again after their guest died in the nested KVM (triple fault, kernel CPU fault)")
     for nodeid, failures in sorted(relay.reruns.items()):
         terminalreporter.write_line(f"{nodeid}: {len(failures)} rerun(s)")
 

@@ -275,6 +275,17 @@ def test_a_test_whose_guest_triple_faulted_in_l1_runs_again_in_a_fresh_l1(pytest
     assert list(relay.reruns) == ["t.py::a"] and "triple fault (KVM_EXIT_SHUTDOWN)" in relay.reruns["t.py::a"][0]
 
 
+def test_a_guest_kernel_that_died_of_a_cpu_fault_in_l1_runs_again(pytestconfig, monkeypatch):
+    panic = ("setup", ("call", "failed", "AssertionError: the guest did not finish within 540 s; its console "
+                                         "ended:\n RIP: 0010:account_process_tick+0x16/0xf0\n Kernel panic - "
+                                         "not syncing: Fatal exception in interrupt"), "teardown")
+    relay, fake = relay_with(pytestconfig, monkeypatch, [
+        [("t.py::a", panic), ("t.py::b", OTHER), ("t.py::c", ALL)],
+        [("t.py::a", ALL)]])
+    assert fake.calls == [["t.py::a", "t.py::b", "t.py::c"], ["t.py::a"]]
+    assert list(relay.reruns) == ["t.py::a"] and "Fatal exception" in relay.reruns["t.py::a"][0]
+
+
 def test_a_test_that_keeps_triple_faulting_fails_after_its_reruns(pytestconfig, monkeypatch):
     relay, fake = relay_with(pytestconfig, monkeypatch, [
         [("t.py::a", TRIPLE), ("t.py::b", ALL), ("t.py::c", ALL)],
