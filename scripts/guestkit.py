@@ -5,7 +5,7 @@ The kit is a stock Debian 6.1 cloud kernel plus a small initramfs (`--kernel 6.1
 beside the first, with Debian 12's 6.12 generic kernel and its own modules):
 
     vmlinuz             the kernel (a bzImage), unmodified
-    initramfs.cpio.gz   busybox, the kernel's virtio modules, fio, iperf3, mkfs.ext4, /init
+    initramfs.cpio.gz   busybox, the kernel's virtio and vsock modules, fio, iperf3, mkfs.ext4, socat, /init
     config              the kernel's build configuration
     System.map          the kernel's symbol table (when the package has one)
     kit.json            what went in, and the sha256 of every file above
@@ -80,7 +80,7 @@ KERNEL_PACKAGE_RE = DEFAULT_KERNEL.package_re
 BUSYBOX_PACKAGE = "busybox-static"
 
 # Guest programs taken from the host, with the Debian package providing each.
-GUEST_TOOLS = {"fio": "fio", "iperf3": "iperf3", "mkfs.ext4": "e2fsprogs"}
+GUEST_TOOLS = {"fio": "fio", "iperf3": "iperf3", "mkfs.ext4": "e2fsprogs", "socat": "socat"}
 
 # The drivers the guest needs, as module names; their dependencies come first
 # in the load order whatever their place here.
@@ -95,6 +95,11 @@ VIRTIO_MODULES = (
     "net_failover",
     "virtio_net",
     "virtio_rng",
+    "virtio_console",
+    "virtio_balloon",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 )
 
 REQUIRED_APPLETS = (
