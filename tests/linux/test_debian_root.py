@@ -1,8 +1,12 @@
 """A Debian 12 root file system (debootstrap, systemd; scripts/debroot.py builds and caches it) on
-virtio-blk boots to the serial getty's `login:` prompt under pyvmm: by direct kernel boot of the
-root's own kernel and initrd, and through SeaBIOS and the GRUB embedded in the image.
+virtio-blk boots to the serial getty's `login:` prompt under pyvmm through SeaBIOS and the GRUB
+embedded in the image: the way a user boots a distribution's disk image, and everything a direct
+kernel boot of the same root shows (the kernel mounting vda1, systemd's start-up, the prompt) after
+GRUB's own steps.  (A second test booted the root's kernel and initrd directly: the same checks
+without GRUB's, ~2.5 minutes of CI's nested KVM; direct kernel boot with root on virtio-blk stays
+proved by tests/linux/test_stock_kernel_native.py.)
 
-Each test boots a throw-away sparse copy of the cached image (systemd writes to its root), checks
+The test boots a throw-away sparse copy of the cached image (systemd writes to its root), checks
 the kernel's mount of /dev/vda1, systemd's start-up and the prompt, each step within a bound (pyvmm
 is killed on expiry and the console's end reported), then stops pyvmm with SIGTERM: it must exit 0.
 The image is built on the host (scripts/setup.sh, or tests/linux/conftest.py before a relay): where
@@ -23,10 +27,9 @@ from vmm import firmware as fw
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.native]
 
-# Measured in L1 (2 host CPUs): `login:` at 80 s (direct) and 102 s (SeaBIOS + GRUB, of which GRUB's
-# 27 MB through int 13h ~22 s); 212 s (direct) with two other L1s on the same CPUs.  The copy takes
-# 8-45 s more, and all must stay within pytest-timeout's 600 s there.
-DIRECT_BOUND_S = 420
+# Measured in L1 (2 host CPUs): `login:` at 102 s (of which GRUB's 27 MB through int 13h ~22 s); 80 s
+# by direct kernel boot, 212 s so with two other L1s on the same CPUs.  The copy takes 8-45 s more, and
+# all must stay within pytest-timeout's 600 s there.
 FIRMWARE_BOUND_S = 500
 LOGIN = r"pyvmm-debian login:"
 
@@ -88,19 +91,6 @@ def _check_root_was_mounted(disk):
         sb = f.read(1024)
     magic, mounts = struct.unpack_from("<H", sb, 0x38)[0], struct.unpack_from("<H", sb, 0x34)[0]
     assert magic == 0xEF53 and mounts == 1, f"the root on vda1 was not mounted read-write once (mount count {mounts})"
-
-
-def test_direct_kernel_boot_to_login(disk):
-    meta = debroot.read_manifest()
-    cache = debroot.debroot_dir()
-    run = run_pyvmm(["run", "--kernel", str(cache / debroot.VMLINUZ), "--initrd", str(cache / debroot.INITRD),
-                     "--cmdline", meta["cmdline"], "--disk", str(disk), "--mem", "1G", "--cpus", "2",
-                     "--console", "stdio"], timeout=DIRECT_BOUND_S, stop_at=LOGIN)
-    steps = SYSTEMD_STEPS
-    times = _check(run, steps, DIRECT_BOUND_S)
-    _check_root_was_mounted(disk)
-    report(f"Debian 12 root, direct kernel boot (2 vCPUs, 1 GiB; s from pyvmm start; bound {DIRECT_BOUND_S} s):",
-           [(name, t) for (name, _), t in zip(steps, times)] + [("pyvmm exited on SIGTERM", run.wall)])
 
 
 @pytest.mark.skipif(not os.path.exists(fw.DEFAULT_FIRMWARE),

@@ -22,7 +22,9 @@ dies so, at random points (booting, in fio), one in a few dozen boots: seen only
 where QEMU's TCG emulates SVM with one host thread per L1 vCPU; whether pyvmm or the emulated SVM is at
 fault is still open (the VMCB is reset on a shutdown intercept, so no state survives to show).  Each
 rerun is reported: a line in L1's log, the failure as a section of the test's report, and a list at the
-end of the session.  On a host with VT-x/AMD-V these tests run here, once, with no rerun.
+end of the session.  A rerun starts only where PYVMM_NESTED_TIMEOUT leaves time for a fresh L1
+(L1_START_S) and the tests' own time in the first run; else the failure stands, saying so.  On a host
+with VT-x/AMD-V these tests run here, once, with no rerun.
 
 PYVMM_NESTED=off keeps everything on this host (native tests then skip where kernel mode is
 emulated, saying so); PYVMM_NESTED_TIMEOUT (seconds, default 3000) bounds the L1 run;
@@ -50,7 +52,7 @@ LOG_TAIL = 60
 L1_RUNS = 6  # L1 started at most this often for one session's relayed tests
 L1_STOPS_PER_TEST = 3  # a test during which L1 stops this often fails
 L1_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test in L1; L1 silent 2 minutes longer is stopped
-L1_STALL_TIMEOUT = 120  # L1 whose heartbeat is this old (seconds) has frozen: stopped
+L1_STALL_TIMEOUT = 60  # L1 whose heartbeat (every 5 s) is this old (seconds) has frozen: stopped
 L2_TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"  # what pyvmm prints when a vCPU shuts down
 # What a stock guest prints when its CPU faults inside the kernel (an oops in an interrupt).  Seen in L1
 # once: a 2-vCPU guest executing from the middle of a static-branch jump just patched (text_poke) on
@@ -58,6 +60,7 @@ L2_TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"  # what pyvmm prints when a
 L2_KERNEL_FAULT = "Kernel panic - not syncing: Fatal exception"
 L2_DEATHS = (L2_TRIPLE_FAULT, L2_KERNEL_FAULT)
 L2_TRIPLE_FAULT_RERUNS = 2  # a test failing with it runs again in a fresh L1 at most this often
+L1_START_S = 120  # a fresh L1 up to its pytest's first test (measured ~60 s; CI's machine is slower)
 
 
 def _load_nested():
@@ -109,6 +112,7 @@ class Relay:
         self.failure = ""  # why tests without reports have none
         self.notes: dict[str, str] = {}  # node id -> L1 stopped during it
         self.reruns: dict[str, list[str]] = collections.defaultdict(list)  # node id -> the failures rerun
+        self.no_rerun: dict[str, str] = {}  # node id -> why its L2 death was not run again
 
     def take(self, target_nodeid: str, item: pytest.Item) -> None:
         self.items[target_nodeid] = item
@@ -133,7 +137,14 @@ class Relay:
         self._run_all(nested, sorted(self.items), deadline)
         for _ in range(L2_TRIPLE_FAULT_RERUNS):
             again = [nodeid for nodeid in sorted(self.items) if self._triple_fault(nodeid)]
-            if not again or deadline - time.monotonic() < 60:
+            if not again:
+                return
+            left, needed = deadline - time.monotonic(), L1_START_S + sum(map(self._duration, again))
+            if left < needed:  # a fresh L1 that cannot finish them would only stop at the deadline
+                for nodeid in again:
+                    self.no_rerun[nodeid] = (f"not run again in a fresh L1: {left:.0f} s were left under "
+                                             f"PYVMM_NESTED_TIMEOUT, ~{needed:.0f} s needed")
+                    self._echo(f"{nodeid}: its guest died in L1; {self.no_rerun[nodeid]}")
                 return
             for nodeid in again:
                 self.reruns[nodeid].append(self._triple_fault(nodeid))
@@ -150,6 +161,10 @@ class Relay:
             if any(death in text for death in L2_DEATHS):
                 return text
         return ""
+
+    def _duration(self, nodeid: str) -> float:
+        """Seconds `nodeid` took in L1 (all its phases)."""
+        return sum(report.duration for report in self.reports.get(nodeid, []))
 
     def _run_all(self, nested, pending: list[str], deadline: float) -> None:
         """Run `pending` in L1; where L1 stops before the end (a stall: its console silent past the
@@ -232,6 +247,8 @@ class Relay:
             if report.when == "call":
                 for n, text in enumerate(self.reruns.get(target, []), 1):
                     report.sections.append((f"run {n} in L1, failed of a triple fault and run again", text))
+                if target in self.no_rerun:
+                    report.sections.append(("its guest died in L1", self.no_rerun[target]))
             ihook.pytest_runtest_logreport(report=report)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 

@@ -296,6 +296,17 @@ def test_a_test_that_keeps_triple_faulting_fails_after_its_reruns(pytestconfig, 
     assert relay.reports["t.py::a"][1].failed and len(relay.reruns["t.py::a"]) == 2
 
 
+def test_no_rerun_starts_that_the_nested_timeout_leaves_no_time_for(pytestconfig, monkeypatch):
+    monkeypatch.setenv("PYVMM_NESTED_TIMEOUT", "100")  # enough for one L1, not for a second
+    relay, fake = relay_with(pytestconfig, monkeypatch, [
+        [("t.py::a", TRIPLE), ("t.py::b", ALL), ("t.py::c", ALL)],
+        [("t.py::a", ALL)]])
+    assert relay_mod.L1_START_S > 100
+    assert len(fake.calls) == 1 and not relay.reruns  # no L1 started that would stop at the deadline
+    assert relay.reports["t.py::a"][1].failed  # the triple fault stands...
+    assert "not run again in a fresh L1" in relay.no_rerun["t.py::a"]  # ...saying why
+
+
 def test_a_rerun_that_l1_stops_during_fails_with_the_note(pytestconfig, monkeypatch):
     relay, fake = relay_with(pytestconfig, monkeypatch, [
         [("t.py::a", TRIPLE), ("t.py::b", ALL), ("t.py::c", ALL)],
