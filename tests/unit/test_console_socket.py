@@ -141,3 +141,26 @@ def test_file_port_appends(tmp_path):
     assert port.write([memoryview(b"new "), memoryview(b"line\n")]) == 9
     port.close()
     assert path.read_bytes() == b"old\nnew line\n"
+
+
+def test_a_client_that_hangs_up_is_let_go_and_its_unread_input_kept(setup):
+    mem, dev, drv, path = setup
+    drv.control_buffers(32)
+    drv.send(BAD_ID, VIRTIO_CONSOLE_DEVICE_READY, 1)
+    drv.send(1, VIRTIO_CONSOLE_PORT_READY, 1)
+    wait_for(lambda: dev.ports[1].ready, "PORT_READY handled")
+    drv.received()
+    idle = connect(path)
+    opens(drv, [1])
+    idle.close()  # nothing unread, the guest not using the port: let go at once
+    opens(drv, [0])
+    leaving = connect(path)
+    opens(drv, [1])
+    leaving.sendall(b"last words")
+    leaving.close()  # its input is kept until the guest opens the port
+    time.sleep(0.2)
+    assert dev.ports[1].backend.connected
+    drv.rx_buffers(1, 2)
+    drv.send(1, VIRTIO_CONSOLE_PORT_OPEN, 1)
+    opens(drv, [0])
+    assert drv.rx_data(1) == b"last words"

@@ -161,7 +161,9 @@ class ConsolePort(PortBackend):
 class SocketPort(PortBackend):
     """A Unix socket PATH that pyvmm listens on: one client at a time, who gets the guest's output
     and whose input goes to the guest.  Others wait in the listen backlog until the client leaves
-    (the listener is not watched meanwhile).  The client's EOF, or an error, ends its connection."""
+    (the listener is not watched meanwhile).  The client's EOF, or an error, ends its connection;
+    a client that hangs up while the device wants nothing is let go at once, unless it left input
+    unread: that is read first, once the guest takes input again (nothing lost)."""
 
     def __init__(self, listener: socket.socket, path: str):
         super().__init__()
@@ -169,6 +171,7 @@ class SocketPort(PortBackend):
         self.client: socket.socket | None = None
         self._wants = 0  # EPOLLIN / EPOLLOUT the device asked for
         self._watched = False  # the client's fd is in the loop's epoll
+        self._parked = False  # the client hung up, leaving input: not watched until it is wanted
 
     @classmethod
     def listen(cls, path: str) -> "SocketPort":
@@ -200,22 +203,23 @@ class SocketPort(PortBackend):
         self._watch()
 
     def detach(self) -> None:
-        self._wants, self._watched = 0, False  # (the loop's epoll is gone with its thread)
+        self._wants, self._watched, self._parked = 0, False, False  # (the loop's epoll is gone with its thread)
         super().detach()
 
     def _watch(self) -> None:
-        """Watch the client for what the device wants, and not at all when it wants nothing: a
-        client that hung up is then noticed only once its unread input is wanted (nothing lost)."""
+        """Watch the client for what the device wants (for nothing but a hang-up when it wants
+        nothing), unless it is parked and the device wants no input."""
         if self.client is None or self._loop is None:
             return
         fd = self.client.fileno()
-        if self._wants and not self._watched:
+        watch = not self._parked or bool(self._wants & select.EPOLLIN)
+        if watch and not self._watched:
             self._loop.add_fd(fd, self._on_client, self._wants)
-        elif self._wants:
+        elif watch:
             self._loop.modify_fd(fd, self._wants)
         elif self._watched:
             self._loop.remove_fd(fd)
-        self._watched = bool(self._wants)
+        self._watched = watch
 
     def _accept(self) -> None:
         try:
@@ -225,7 +229,7 @@ class SocketPort(PortBackend):
         client.setblocking(False)
         self.client = client
         self._loop.modify_fd(self.listener.fileno(), 0)  # the next client waits for this one to leave
-        self._watched = False
+        self._watched = self._parked = False
         self._watch()
         self._events.port_connection(True)
 
@@ -235,7 +239,7 @@ class SocketPort(PortBackend):
             if self._watched:
                 self._loop.remove_fd(client.fileno())
             self._loop.modify_fd(self.listener.fileno(), select.EPOLLIN)
-        self._watched = False
+        self._watched = self._parked = False
         client.close()
         if self._events is not None:
             self._events.port_connection(False)
@@ -245,6 +249,23 @@ class SocketPort(PortBackend):
             self._events.port_readable()
         if self.client is not None and self._wants & select.EPOLLOUT:
             self._events.port_writable()
+        if self.client is not None and not self._wants:
+            self._hung_up()
+
+    def _hung_up(self) -> None:
+        """Woken while wanting nothing: the client hung up (or failed).  Let it go, unless it left
+        input the guest has not taken: then park it (unwatched) until input is wanted."""
+        try:
+            unread = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # a spurious wake-up
+        except OSError:
+            unread = b""
+        if not unread:
+            self._drop()
+            return
+        self._parked = True
+        self._watch()
 
     def _want(self, bit: int, on: bool) -> None:
         wants = self._wants | bit if on else self._wants & ~bit
