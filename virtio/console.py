@@ -169,12 +169,16 @@ class VirtioConsole(VirtioDevice):
             port.backend.close()
 
     # -- serving a queue ------------------------------------------------------------------
-    def _serve(self, index: int, work: Callable[[], int]) -> None:
-        """Run `work` (which returns the chains it used) on queue `index`; publish and notify."""
+    def _serve(self, index: int, work: Callable[[], object]) -> None:
+        """Run `work` on queue `index`; publish what it used (bad chains returned on the way
+        included) and notify."""
+        queue = self.queues[index]
         if self._queue_failed[index] or not self.active:
             return
         try:
-            if work():
+            before = queue.next_used
+            work()
+            if queue.next_used != before:
                 self.publish_and_notify(index)
         except QueueError as err:
             self.fail_queue(index, err)
@@ -187,10 +191,9 @@ class VirtioConsole(VirtioDevice):
             return
         starved = True
 
-        def work() -> int:
+        def work() -> None:
             nonlocal starved
-            used, starved = port.rx.fill(backend.read_into)
-            return used
+            starved = port.rx.fill(backend.read_into)[1]
 
         self._serve(receiveq(port.id), work)
         backend.want_input(not starved and not self._queue_failed[receiveq(port.id)])
@@ -200,10 +203,9 @@ class VirtioConsole(VirtioDevice):
         backend = port.backend
         blocked = False
 
-        def work() -> int:
+        def work() -> None:
             nonlocal blocked
-            used, blocked = port.tx.drain(backend.write)
-            return used
+            blocked = port.tx.drain(backend.write)[1]
 
         self._serve(receiveq(port.id) + 1, work)
         backend.want_output(blocked)
@@ -227,13 +229,7 @@ class VirtioConsole(VirtioDevice):
     def process_control(self) -> None:
         """The driver's control messages, each acted on once its chain is returned."""
         messages: list[ControlMessage] = []
-
-        def work() -> int:
-            before = self.queues[CONTROL_TRANSMITQ].next_used
-            messages.extend(self.control_tx.messages())
-            return (self.queues[CONTROL_TRANSMITQ].next_used - before) & 0xFFFF
-
-        self._serve(CONTROL_TRANSMITQ, work)
+        self._serve(CONTROL_TRANSMITQ, lambda: messages.extend(self.control_tx.messages()))
         for message in messages:
             self.on_control(message)
 

@@ -74,6 +74,8 @@ class _Path:
 def _input_buffer(chain: DescriptorChain) -> str | None:
     if chain.readable:
         return "has device-readable buffers"
+    if len(chain.writable) > MAX_IOV:
+        return f"has more than {MAX_IOV} buffers"
     return None if chain.writable_len else "has no buffer"
 
 
@@ -139,11 +141,11 @@ class PortTransmit(_Path):
                 if chain is None:
                     return used, False
                 self.current, self.offset = chain, 0
-            if self.offset < chain.readable_len:
-                n = write(_skip(chain.readable_views(), self.offset))
-                self.offset += max(n, 0)
-                if self.offset < chain.readable_len:
+            while self.offset < chain.readable_len:
+                n = write(_skip(chain.readable_views(), self.offset)[:MAX_IOV])
+                if n <= 0:
                     return used, True
+                self.offset += n
             self.queue.add_used(chain.head, 0)
             self.current = None
             used += 1

@@ -16,6 +16,7 @@ from virtio.console import (CONTROL_RECEIVEQ, CONTROL_TRANSMITQ, VIRTIO_CONSOLE_
 from virtio.console_control import VIRTIO_CONSOLE_CONTROL, ControlMessage, pack_control
 from virtio.device import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                            VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1)
+from virtio.queue import VIRTIO_F_INDIRECT_DESC
 
 STARTED = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK
 QUEUE_SIZE = 64
@@ -37,7 +38,8 @@ class ConsoleDriver:
     def start(self, *, multiport: bool = True) -> "ConsoleDriver":
         for q in self.dev.queues:
             q.ready = True
-        self.dev.driver_features = 1 << VIRTIO_F_VERSION_1 | int(multiport) << VIRTIO_CONSOLE_F_MULTIPORT
+        self.dev.driver_features = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
+                                    | int(multiport) << VIRTIO_CONSOLE_F_MULTIPORT)
         self.dev.set_status(STARTED)
         assert self.dev.status == STARTED
         return self

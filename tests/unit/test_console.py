@@ -30,8 +30,10 @@ class FakePort(PortBackend):
         self.sent = bytearray()
         self.input = bytearray()
         self.wants_input = self.wants_output = False
+        self.most_views = 0
 
     def write(self, views):
+        self.most_views = max(self.most_views, len(views))
         data = b"".join(views)
         n = len(data) if self.room is None else min(self.room, len(data))
         self.sent += data[:n]
@@ -267,3 +269,18 @@ def test_reset_forgets_the_driver(mem):
     dev.set_status(0)
     assert not any(p.added or p.ready or p.guest_open for p in dev.ports if p is not None)
     assert dev.control_rx.pending == type(dev.control_rx.pending)()
+
+
+def test_chains_of_more_buffers_than_one_system_call_takes(mem):
+    dev, drv, _, (port,) = ready(mem)
+    drv.send(1, VIRTIO_CONSOLE_PORT_OPEN, 1)
+    rxq, txq = receiveq(1), receiveq(1) + 1
+    many = drv.mq[rxq].add_indirect_chain([Buf(drv.mq[rxq].alloc(1), 1, write=True) for _ in range(1100)])
+    port.input += b"abc"
+    dev.fill(dev.ports[1])
+    assert drv.used(rxq) == [(many, 0)] and port.input == b"abc"  # returned, nothing read into it
+    out = bytes(i % 251 for i in range(1100))
+    head = drv.mq[txq].add_indirect_chain([drv.buffer(out[i:i + 1], txq) for i in range(1100)])
+    dev.drain(dev.ports[1])
+    assert port.sent == out and drv.used(txq) == [(head, 0)]
+    assert port.most_views == 1024  # what one sendmsg takes
