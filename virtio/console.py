@@ -38,7 +38,7 @@ from .console_control import (VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_DEVICE
                               VIRTIO_CONSOLE_RESIZE, ControlMessage, pack_control)
 from .console_paths import ControlReceive, ControlTransmit, PortReceive, PortTransmit
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import QueueError
+from .queue import Queue, QueueError
 from .ratelimit import RateLimitedLog
 from .worker import IoThread
 
@@ -64,17 +64,18 @@ def receiveq(port: int) -> int:
 class Port:
     """One port: its host side, what the driver was told and said, and its two ring paths."""
 
-    def __init__(self, port_id: int, backend: PortBackend, name: bytes | None, console: bool):
-        self.id, self.backend, self.name, self.console = port_id, backend, name, console
-        self.rx: PortReceive | None = None
-        self.tx: PortTransmit | None = None
+    def __init__(self, port_id: int, backend: PortBackend, name: bytes | None, queues: Sequence[Queue],
+                 on_chain_error):
+        self.id, self.backend, self.name, self.console = port_id, backend, name, port_id == 0
+        rx = receiveq(port_id)
+        self.rx = PortReceive(queues[rx], on_chain_error, f"port {port_id} receiveq")
+        self.tx = PortTransmit(queues[rx + 1], on_chain_error, f"port {port_id} transmitq")
         self.reset()
 
     def reset(self) -> None:
         self.added = self.ready = self.guest_open = False
-        if self.rx is not None:
-            self.rx.forget()
-            self.tx.forget()
+        self.rx.forget()
+        self.tx.forget()
 
 
 class _PortEvents:
@@ -104,13 +105,10 @@ class VirtioConsole(VirtioDevice):
         self.max_nr_ports = len(named) + 1
         features = 1 << VIRTIO_CONSOLE_F_MULTIPORT | 1 << VIRTIO_CONSOLE_F_EMERG_WRITE
         super().__init__(mem, num_queues=2 * (self.max_nr_ports + 1), queue_size=queue_size, features=features)
-        self.ports: list[Port | None] = [Port(0, console, None, True) if console is not None else None]
-        self.ports += [Port(i, backend, name.encode(), False) for i, (name, backend) in enumerate(named, 1)]
-        for port in self.ports:
-            if port is not None:
-                what = f"port {port.id}"
-                port.rx = PortReceive(self.queues[receiveq(port.id)], self._on_chain_error, f"{what} receiveq")
-                port.tx = PortTransmit(self.queues[receiveq(port.id) + 1], self._on_chain_error, f"{what} transmitq")
+        self.ports: list[Port | None] = [Port(0, console, None, self.queues, self._on_chain_error)
+                                         if console is not None else None]
+        self.ports += [Port(i, backend, name.encode(), self.queues, self._on_chain_error)
+                       for i, (name, backend) in enumerate(named, 1)]
         self.control_rx = ControlReceive(self.queues[CONTROL_RECEIVEQ], self._on_chain_error)
         self.control_tx = ControlTransmit(self.queues[CONTROL_TRANSMITQ], self._on_chain_error)
         self.io_thread = io_thread
