@@ -1,7 +1,8 @@
 """virtio-console with the stock kernel's own driver (virtio_console), in ONE boot: a shell on hvc0
 through the pty path (--console-device virtio, --console stdio on a pseudo-terminal), and a named
 port on a Unix socket carrying 16 MiB each way, guest to host then host to guest on a second
-connection, sha256 equal on both sides; under the default seccomp filter.
+connection, sha256 equal on both sides; a second port's output appended to a file; under the
+default seccomp filter.
 
 The guest runs the kit's kernel and modules with this checkout's /init (scripts/guestkit.py's
 INIT_SCRIPT, which links /dev/virtio-ports/NAME) appended to the kit's initramfs, so the test
@@ -47,8 +48,9 @@ def recv_exactly(sock, size, timeout):
 
 
 def test_shell_on_hvc0_and_16_mib_each_way_through_a_named_port(tmp_path):
-    path = str(tmp_path / "data.sock")
+    path, log = str(tmp_path / "data.sock"), tmp_path / "log.txt"
     guest = PtyGuest.start(["--console-device", "virtio", "--port", f"name=data,socket={path}",
+                            "--port", f"name=log,file={log}",
                             "--initrd", initrd_with_this_init(tmp_path), "--append", "quiet"])
     try:
         guest.expect(b"PYVMM-READY", BOOT_TIMEOUT)
@@ -60,6 +62,12 @@ def test_shell_on_hvc0_and_16_mib_each_way_through_a_named_port(tmp_path):
         assert m.group(1) == b"/dev/hvc0", guest.output[-3000:]
         assert m.group(2) == b"data"
         assert re.fullmatch(rb"\.\./vport\d+p1", m.group(3)), m.group(3)
+        guest.type("echo to-the-file > /dev/virtio-ports/log; echo L''OGGED=$?")
+        guest.expect(b"LOGGED=0", 60)
+        deadline = time.monotonic() + 30  # (the write returned once the line was in the ring)
+        while log.read_bytes() != b"to-the-file\n" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.read_bytes() == b"to-the-file\n"
 
         # guest to host
         guest.type("dd if=/dev/urandom of=/tmp/g bs=1M count=16 2>/dev/null; echo G''SUM=$(sha256sum < /tmp/g)")
