@@ -129,8 +129,10 @@ def test_listen_and_open_errors(tmp_path):
     assert regular.read_text() == "x"
     with pytest.raises(PortError):
         FilePort.open(str(tmp_path / "no" / "such"))
-    stale = SocketPort.listen(str(tmp_path / "s.sock"))
-    stale.listener.close()  # as a crashed run leaves it
+    live = SocketPort.listen(str(tmp_path / "s.sock"))
+    with pytest.raises(PortError, match="in use"):
+        SocketPort.listen(str(tmp_path / "s.sock"))  # another VM's: left alone
+    live.listener.close()  # as a crashed run leaves it: replaced
     SocketPort.listen(str(tmp_path / "s.sock")).close()
 
 

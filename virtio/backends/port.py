@@ -158,6 +158,20 @@ class ConsolePort(PortBackend):
             self._wake = -1
 
 
+def _listened_on(path: str) -> bool:
+    """Whether a process listens on the Unix socket `path` (a connection is tried, and closed)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except BlockingIOError:  # its backlog is full: it is there
+        return True
+    except OSError:  # ECONNREFUSED: a socket file nobody listens on
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 class SocketPort(PortBackend):
     """A Unix socket PATH that pyvmm listens on: one client at a time, who gets the guest's output
     and whose input goes to the guest.  Others wait in the listen backlog until the client leaves
@@ -175,12 +189,17 @@ class SocketPort(PortBackend):
 
     @classmethod
     def listen(cls, path: str) -> "SocketPort":
-        """Bind and listen on `path`; a socket left there by an earlier run is replaced."""
+        """Bind and listen on `path`; a socket left there by an earlier run (no one listening) is
+        replaced, one in use is an error."""
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _listened_on(path):
+                    raise PortError(errno.EADDRINUSE, f"socket {path} is in use: another process listens on it")
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        except PortError:
+            raise
         except OSError as e:
             raise PortError(e.errno, f"socket {path}: {e.strerror}") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
