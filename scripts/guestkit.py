@@ -204,6 +204,37 @@ pyvmm_load_modules() {
     done < "$1"
 }
 
+# Link /dev/virtio-ports/NAME to each named virtio-console port, as udev does elsewhere.  The
+# device names its ports (and makes hvc0 the console) over its control queue after the driver
+# has loaded: wait for that, at most 5 s.
+pyvmm_virtio_ports() {
+    [ -d /sys/bus/virtio/drivers/virtio_console ] || return 0
+    mkdir -p /dev/virtio-ports
+    tries=50
+    while :; do
+        waiting=
+        for dev in /sys/bus/virtio/drivers/virtio_console/virtio*; do
+            [ -e "$dev" ] || continue
+            set -- "$dev"/virtio-ports/vport*
+            [ -e "$1" ] || waiting=1
+        done
+        for port in /sys/class/virtio-ports/vport*; do
+            [ -e "$port" ] || continue
+            if [ -r "$port/name" ]; then
+                ln -sfn "../${port##*/}" "/dev/virtio-ports/$(cat "$port/name")"
+            else
+                case ${port##*/} in *p0) ;; *) waiting=1 ;; esac
+            fi
+        done
+        if grep -q 'console=hvc0' /proc/cmdline && ! grep -q hvc0 /sys/class/tty/console/active; then
+            waiting=1
+        fi
+        [ -n "$waiting" ] && [ "$tries" -gt 0 ] || return 0
+        tries=$((tries - 1))
+        sleep 0.1
+    done
+}
+
 # Power off once the console has sent everything: closing the last descriptor
 # of the console tty waits for its output to drain.
 pyvmm_power_off() {
@@ -228,6 +259,7 @@ if [ ! -e /pyvmm-complete ]; then
 fi
 pyvmm_load_modules /lib/modules/pyvmm/modules.load
 pyvmm_switch_root /proc/cmdline
+pyvmm_virtio_ports
 echo PYVMM-READY
 
 if ! pyvmm_run_cmd /proc/cmdline; then

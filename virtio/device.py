@@ -44,6 +44,7 @@ VIRTIO_F_IN_ORDER = 35
 # Device IDs (5)
 VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
 
 CONFIG = -1  # interrupt kind: configuration change (not a queue)

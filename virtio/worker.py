@@ -43,6 +43,15 @@ class IoThread:
         self._handlers[fd] = handler
         self._ep.register(fd, events)
 
+    def modify_fd(self, fd: int, events: int) -> None:
+        """Change what wakes fd's handler (0: only errors and hang-ups, which epoll always reports)."""
+        self._ep.modify(fd, events)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching fd (before closing it); its handler is not called again."""
+        if self._handlers.pop(fd, None) is not None:
+            self._ep.unregister(fd)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -55,7 +64,9 @@ class IoThread:
                 for fd, _ in self._ep.poll():
                     if fd == stop_fd:
                         return
-                    handlers[fd]()
+                    handler = handlers.get(fd)  # None: removed by a handler of the same batch
+                    if handler is not None:
+                        handler()
         except BaseException as e:  # a bug in device code: stop this device, keep the VM
             self.failure = e
             log.exception("%s: I/O thread failed", self.name)

@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import config, kit
+from .config.console import CONSOLE_DEVICES
 from .config.vm import CONSOLE_SYNTAX, DEFAULT_CMDLINE, ENTRIES, ON_REBOOT
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mem", help="guest RAM, e.g. 512M, 4G (default: 512M)")
     run.add_argument("--cpus", type=int, help="number of vCPUs (default: 1)")
     run.add_argument("--console", help=f"{CONSOLE_SYNTAX} (default: stdio)")
+    run.add_argument("--console-device", choices=CONSOLE_DEVICES, help=(
+        "the guest's console: the serial port ttyS0 (default), or virtio: hvc0, port 0 of a virtio-console "
+        "device (the default command line then says console=ttyS0 console=hvc0); --console says where it goes"))
+    run.add_argument("--port", action="append", metavar="SPEC", help=(
+        "a named virtio-console port: name=NAME,socket=PATH (pyvmm listens on the Unix socket PATH, one client "
+        "at a time) or name=NAME,file=PATH (the guest's output appended); the guest sees "
+        "/dev/virtio-ports/NAME (repeatable)"))
     run.add_argument("--entry", choices=ENTRIES, help=(
         "vmlinux: decompress the bzImage on the host and enter the kernel's 64-bit entry directly (default, faster); "
         "bzimage: enter the bzImage's own 64-bit entry and let it decompress itself"))
@@ -133,6 +141,7 @@ def cmd_check() -> int:
 
 def cmd_run(args, main_start_wall: float | None = None) -> int:
     from kernel.errors import KernelImageError
+    from virtio.backends.port import PortError
     from virtio.backends.raw import ImageError
     from virtio.backends.tap import TapError
     from .firmware.image import FirmwareError
@@ -154,7 +163,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
     while not stopped:
         try:
             machine = Machine(cfg, kvm=kvm, console_in=console_in)
-        except (KernelImageError, ImageError, TapError, FirmwareError) as e:
+        except (KernelImageError, ImageError, TapError, FirmwareError, PortError) as e:
             raise UsageError(str(e)) from None
         except OSError as e:
             # A stop signal while a VM is being made (between two boots, --on-reboot restart) can

@@ -39,7 +39,7 @@ from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
-from .virtio_devices import build_disk, build_net
+from .virtio_devices import build_console, build_disk, build_net
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,14 @@ class Machine:
         self.irq = IrqRouter(self.vm)
         self.pci = PciHost(pio=self.pio, mmio=self.mmio, layout=self.pci_layout, on_reset=self.lifecycle.reset)
         self.disks, self.nets = [], []
+        self.console_device = None  # virtio-console, with --console-device virtio or a --port
         self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
             for spec in config.nets:
                 self.nets.append(self._add_net(spec))
+            self.console_device = self._add_console() if config.console_device == "virtio" or config.ports else None
         except BaseException:
             self._close_devices()
             raise
@@ -182,6 +184,26 @@ class Machine:
             dev.close()
             raise
         return dev
+
+    def _add_console(self):
+        """The virtio-console-pci device: the console on port 0 with --console-device virtio (the
+        serial port's input then goes nowhere), and the --port ports."""
+        from virtio.pci import VirtioPciDevice
+
+        virtio_console = self.config.console_device == "virtio"
+        dev = build_console(self.mem, self.config.ports, self._console_sink if virtio_console else None)
+        try:
+            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm), enable=self.firmware is None)
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def _console_feed(self):
+        """Where the console's input goes: hvc0 with --console-device virtio, else the serial port."""
+        if self.console_device is not None and self.console_device.ports[0] is not None:
+            return self.console_device.ports[0].backend.feed
+        return self.serial.feed
 
     def _net_rom(self, spec) -> bytes | None:
         rom = getattr(spec, "rom", None)
@@ -320,7 +342,7 @@ class Machine:
             except PermissionError:
                 self._console_in = None
         if self._console_in is not None:
-            term = TerminalInput(self._console_in, feed=self.serial.feed,
+            term = TerminalInput(self._console_in, feed=self._console_feed(),
                                  quit=lambda: self.lifecycle.stop(0, "quit from the console"), echo=self._console_sink)
             os.set_blocking(self._console_in, False)
         try:

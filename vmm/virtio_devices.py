@@ -10,6 +10,7 @@ from .config import DiskSpec, NetSpec, default_mac
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
+    from virtio.console import VirtioConsole
     from virtio.net import VirtioNet
 
 
@@ -42,6 +43,24 @@ def build_net(mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", default
                          queue_size=queue_size, mtu=spec.mtu or DEFAULT_MTU)
 
     return _on_backend(tap, build)
+
+
+def build_console(mem: GuestMemory, ports, console_sink=None, *, queue_size: int = 256) -> VirtioConsole:
+    """A virtio-console device: port 0 the console (its output to `console_sink`) when one is given,
+    then the named `ports` (PortSpecs), each on its socket or file (raises PortError)."""
+    from virtio.backends.port import ConsolePort, FilePort, SocketPort
+    from virtio.console import VirtioConsole
+
+    opened = []
+    try:
+        for spec in ports:
+            opened.append((spec.name, SocketPort.listen(spec.socket) if spec.socket else FilePort.open(spec.file)))
+        console = ConsolePort(console_sink) if console_sink is not None else None
+        return VirtioConsole(mem, console=console, named=opened, queue_size=queue_size)
+    except BaseException:
+        for _, backend in opened:
+            backend.close()
+        raise
 
 
 def _on_backend(backend, build):

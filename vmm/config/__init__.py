@@ -5,20 +5,22 @@
     Machine(check_host(config))
 
 options.py: KEY=VALUE lists, on/off, counts, sizes, ConfigError; disk.py, net.py, boot.py: --disk,
---net, --boot; vm.py: VmConfig and from_dict; host.py: the files a config names."""
+--net, --boot; vm.py: VmConfig and from_dict; host.py: the files a config names;
+console.py: --console-device, --port."""
 
 from __future__ import annotations
 
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
+from .console import PortSpec, parse_port_spec
 from .disk import DiskSpec, parse_disk_spec
 from .host import check_cpus, check_host
 from .net import NetSpec, default_mac, format_mac, parse_mac, parse_net_spec
 from .options import ConfigError, parse_size
 from .vm import OPTIONS, VmConfig, from_dict
 
-__all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BootItem", "ConfigError", "DiskSpec", "NetSpec", "VmConfig",
-           "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac", "from_args", "from_dict",
-           "parse_boot_order", "parse_disk_spec", "parse_mac", "parse_net_spec", "parse_size"]
+__all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BootItem", "ConfigError", "DiskSpec", "NetSpec", "PortSpec",
+           "VmConfig", "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac", "from_args", "from_dict",
+           "parse_boot_order", "parse_disk_spec", "parse_mac", "parse_net_spec", "parse_port_spec", "parse_size"]
 
 
 def from_args(args) -> VmConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 from .. import kit
 from .options import ConfigError
@@ -25,6 +26,13 @@ def check_host(c: VmConfig) -> VmConfig:
         if os.path.isdir(disk.path):
             raise ConfigError(f"--disk: {disk.path} is a directory, not an image")
         readable(disk.path, "--disk:")
+    for port in c.ports:
+        if port.file is not None:
+            writable_file(port.file, f"--port {port.name}:")
+        elif os.path.exists(port.socket) and not stat.S_ISSOCK(os.lstat(port.socket).st_mode):
+            raise ConfigError(f"--port {port.name}: {port.socket} exists and is not a socket")
+        else:
+            writable_file(port.socket, f"--port {port.name}:")
     for net in c.nets:
         if net.rom not in (None, "off"):
             _firmware_file(lambda image: image.load_rom(net.rom, "--net rom"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .console import PortSpec, check_ports, default_cmdline, parse_console_device, parse_port_spec, port_from_dict
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
 from .net import NetSpec, net_from_dict, parse_net_spec
@@ -22,7 +23,8 @@ CONSOLE_SYNTAX = "stdio, file:PATH or none"
 ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: the kernel's own entry
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
-           "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp")
+           "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp",
+           "console_device", "port")
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,13 @@ class VmConfig:
     stats: bool = False                # profile the vCPUs' exits (vmm/exit_stats.py), a table on stderr
     stats_json: str | None = None      # and the same as JSON in this file
     seccomp: str = SECCOMP_MODES[0]    # the syscall filter `pyvmm run` installs once set up (vmm/seccomp)
+    console_device: str = "serial"     # where the guest's console is: the serial port or virtio-console's hvc0
+    ports: tuple[PortSpec, ...] = ()   # virtio-console's named ports
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "nets", tuple(self.nets))
+        object.__setattr__(self, "ports", tuple(self.ports))
 
     @classmethod
     def from_dict(cls, options: dict) -> "VmConfig":
@@ -70,7 +75,9 @@ def from_dict(d: dict) -> VmConfig:
                   seccomp=_choice(d, "seccomp", SECCOMP_MODES),
                   **_stats(d.get("stats", False)),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
-                  nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
+                  nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
+                  console_device=parse_console_device(d.get("console_device", "serial")),
+                  ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)))
     if "firmware" in d:
         return _firmware_config(d, common)
     for option in ("boot", "firmware_log"):
@@ -78,7 +85,7 @@ def from_dict(d: dict) -> VmConfig:
             raise ConfigError(f"--{option.replace('_', '-')} needs --firmware")
     if d.get("program"):
         return VmConfig(program=str(d["program"]), **common)
-    cmdline = f"{d.get('cmdline', DEFAULT_CMDLINE)} {d.get('append', '')}".strip()
+    cmdline = f"{d.get('cmdline', default_cmdline(common['console_device']))} {d.get('append', '')}".strip()
     return VmConfig(kernel=d.get("kernel"), initrd=d.get("initrd"), cmdline=cmdline,
                     entry=_choice(d, "entry", ENTRIES), **common)
 
@@ -147,11 +154,11 @@ def _choice(d: dict, option: str, choices: tuple[str, ...]) -> str:
 
 
 def _each(d: dict, option: str, from_text, from_dict_form) -> list:
-    """Each --disk / --net entry: command-line text, a dict of its keys, or a DiskSpec / NetSpec."""
+    """Each --disk / --net / --port entry: command-line text, a dict of its keys, or a DiskSpec / NetSpec."""
     out = []
     for entry in d.get(option) or ():
         try:
-            if isinstance(entry, (DiskSpec, NetSpec)):
+            if isinstance(entry, (DiskSpec, NetSpec, PortSpec)):
                 out.append(entry)
             else:
                 out.append(from_text(entry) if isinstance(entry, str) else from_dict_form(entry))

@@ -21,4 +21,4 @@ NR = {
 X32_SYSCALL_BIT = 0x40000000
 
 CLONE_THREAD = 0x00010000  # <linux/sched.h>: clone() makes a thread of the caller's process
-AF_UNIX = 1  # <sys/socket.h>: local sockets (glibc's NSS, nscd); pyvmm itself opens no socket
+AF_UNIX = 1  # <sys/socket.h>: local sockets (glibc's NSS, nscd; virtio-console's --port)
