@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
 from .net import NetSpec, net_from_dict, parse_net_spec
+from .balloon import BalloonSpec, balloon_from_dict, check_balloon_size, parse_balloon_spec
+from .rng import RngSpec, parse_rng_spec, rng_from_dict
 from .options import MiB, ConfigError, parse_size
 from ..seccomp import MODES as SECCOMP_MODES
 
@@ -23,6 +25,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp")
+OPTIONS += ("rng", "balloon")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class VmConfig:
     stats: bool = False                # profile the vCPUs' exits (vmm/exit_stats.py), a table on stderr
     stats_json: str | None = None      # and the same as JSON in this file
     seccomp: str = SECCOMP_MODES[0]    # the syscall filter `pyvmm run` installs once set up (vmm/seccomp)
+    rng: RngSpec | None = None         # a virtio-rng device
+    balloon: BalloonSpec | None = None  # a virtio-balloon device
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -71,6 +76,9 @@ def from_dict(d: dict) -> VmConfig:
                   **_stats(d.get("stats", False)),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
+    common.update(rng=_one(d, "rng", parse_rng_spec, rng_from_dict, RngSpec),
+                  balloon=_one(d, "balloon", parse_balloon_spec, balloon_from_dict, BalloonSpec))
+    check_balloon_size(common["balloon"], common["mem_size"])
     if "firmware" in d:
         return _firmware_config(d, common)
     for option in ("boot", "firmware_log"):
@@ -158,3 +166,17 @@ def _each(d: dict, option: str, from_text, from_dict_form) -> list:
         except ConfigError as e:
             raise ConfigError(f"--{option}: {e}") from None
     return out
+
+
+def _one(d: dict, option: str, from_text, from_dict_form, spec_type):
+    """A single-device option (--rng, --balloon): absent (None), True or "" (its defaults), its text,
+    a dict of its keys, or its spec."""
+    entry = d.get(option)
+    if entry is None or entry is False or isinstance(entry, spec_type):
+        return entry or None
+    try:
+        if entry is True:
+            return spec_type()
+        return from_text(entry) if isinstance(entry, str) else from_dict_form(entry)
+    except ConfigError as e:
+        raise ConfigError(f"--{option}: {e}") from None
