@@ -145,18 +145,14 @@ class VirtioBalloon(VirtioDevice):
         for index, role in enumerate(self._roles):
             thread.add_eventfd(self.queue_events[index], partial(self.process_queue, index))
         if STATSQ in self._roles:
-            self._timer = Timer()
-            thread.add_fd(self._timer.fd, self._on_stats_timer)
+            self._timer = thread.add_timer(self._on_stats_timer)
             self._timer.arm(self.stats_interval, self.stats_interval)
         thread.start()
 
     def deactivate(self) -> None:
         if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
+            self._thread.stop()  # (and closes the timer)
+            self._thread = self._timer = None
         self._stats_chain = None
 
     # -- the queues ------------------------------------------------------------------------------------
@@ -212,7 +208,6 @@ class VirtioBalloon(VirtioDevice):
 
     def _on_stats_timer(self) -> None:
         """Return the statistics buffer held: the driver answers with fresh statistics."""
-        self._timer.consume()
         index = self._roles.index(STATSQ)
         if self._stats_chain is None or self._queue_failed[index]:
             return

@@ -72,21 +72,13 @@ class VirtioRng(VirtioDevice):
         self._thread = IoThread(self.name)
         self._thread.add_eventfd(self.queue_events[REQUESTQ], self.process_queue)
         if self.bucket is not None:
-            self._timer = Timer()
-            self._thread.add_fd(self._timer.fd, self._on_timer)
+            self._timer = self._thread.add_timer(self.process_queue)
         self._thread.start()
 
     def deactivate(self) -> None:
         if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer.consume()
-        self.process_queue()
+            self._thread.stop()  # (and closes the timer)
+            self._thread = self._timer = None
 
     # -- the request path ----------------------------------------------------------------------
     def process_queue(self) -> None:

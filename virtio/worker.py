@@ -26,6 +26,7 @@ class IoThread:
         self._ep.register(self._stop_fd, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+        self._timers: list = []
 
     def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
@@ -42,6 +43,21 @@ class IoThread:
     def add_fd(self, fd: int, handler: Callable[[], None], events: int = select.EPOLLIN) -> None:
         self._handlers[fd] = handler
         self._ep.register(fd, events)
+
+    def add_timer(self, handler: Callable[[], None]):
+        """A virtio/timer.py Timer, disarmed: handler() runs (on this thread) each time it fires.
+        It is closed with the thread (stop())."""
+        from .timer import Timer
+
+        timer = Timer()
+        self._timers.append(timer)
+
+        def on_fire() -> None:
+            if timer.consume():
+                handler()
+
+        self.add_fd(timer.fd, on_fire)
+        return timer
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -67,3 +83,5 @@ class IoThread:
             self._thread.join()
         self._ep.close()
         os.close(self._stop_fd)
+        for timer in self._timers:
+            timer.close()
