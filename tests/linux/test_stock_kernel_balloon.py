@@ -36,12 +36,13 @@ until_total() { n=0; while [ $(kb MemTotal) $1 $2 ] && [ $n -lt 400 ]; do sleep 
 mkdir -p /b && mount -t tmpfs -o size=2G none /b
 T0=$(kb MemTotal)
 echo MEMTOTAL0=$T0 FEATURES=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features)
-HOLD=$(( $(kb MemFree) / 1024 - 32 - 272 ))
+HOLD=$(( $(kb MemFree) / 1024 - 64 - 288 ))
 dd if=/dev/zero of=/b/hold bs=1M count=$HOLD 2>/dev/null
-dd if=/dev/zero of=/b/f2 bs=1M count=272 2>/dev/null
-echo STEP-INFLATE MemFree=$(kb MemFree)
+dd if=/dev/zero of=/b/f2 bs=1M count=288 2>/dev/null
+echo STEP-INFLATE HOLD=$HOLD MemFree=$(kb MemFree)
 sleep 3
 rm /b/f2
+echo F2-REMOVED MemFree=$(kb MemFree)
 until_total -gt $((T0 - 262144 + 2048))
 echo INFLATED MemTotal=$(kb MemTotal) MemFree=$(kb MemFree)
 until_total -lt $((T0 - 2048))
@@ -177,6 +178,9 @@ def test_balloon_inflate_deflate_free_page_reporting_and_statistics():
         assert stats["total-memory"] > 0 and "free-memory" in stats, stats
         assert vm.proc.wait(timeout=120) == 0
         assert any("PYVMM-EXIT=0" in line for line in vm.lines), vm.lines[-20:]
+    except AssertionError:
+        print("the console ended:", *vm.lines[-40:], "stderr:", *vm.stderr[-20:], sep="\n")
+        raise
     finally:
         if vm.proc.poll() is None:
             vm.proc.kill()
