@@ -2,8 +2,9 @@
 the guest's hw_random core picks virtio_rng, `dd if=/dev/hwrng` reads 64 KiB of random bytes, and
 that takes about as long as the rate says.  With the default seccomp filter on.
 
-First 4 KiB (within the bucket's first burst: how fast the device goes unlimited here), then the
-64 KiB, which the rate paces."""
+The rate is low enough to bind: in the nested KVM the device itself moves some 15 KiB a second
+(Linux asks for 64 bytes a request), so 64 KiB at 4 KiB a second must take about 16 s against ~4.
+First 1 KiB (the bucket's first burst: how fast the device goes unlimited here), then the 64 KiB."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import pytest
 from tests.support import stock
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.native]
-RATE = 16384  # bytes a second; the bucket holds a quarter of a second's
+RATE = 4096  # bytes a second; the bucket holds a quarter of a second's
 READ = 65536
 
 GUEST = ("cur=/sys/class/misc/hw_random/rng_current; [ -e $cur ] || cur=/sys/devices/virtual/misc/hw_random/rng_current; "
          "echo CURRENT=$(cat $cur); "
-         "b=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/hwrng of=/dev/null bs=4096 count=1 2>/dev/null; "
+         "b=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/hwrng of=/dev/null bs=1024 count=1 2>/dev/null; "
          "echo BURST=$b,$(cut -d' ' -f1 /proc/uptime); "
          "s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/hwrng of=/tmp/r bs=4096 count=16 2>/dev/null; "
          "e=$(cut -d' ' -f1 /proc/uptime); "
@@ -39,8 +40,6 @@ def test_hwrng_reads_64k_from_virtio_rng_at_the_rate_set():
     least = (READ - RATE // 4) / RATE  # beyond what the bucket may have refilled, at the rate
     burst = [float(t) for t in re.search(r"BURST=([\d.]+),([\d.]+)", run.out).groups()]
     print(f"64 KiB from /dev/hwrng at rate={RATE}: {took:.2f} s (the rate allows no less than {least:.2f} s); "
-          f"4 KiB of the first burst: {burst[1] - burst[0]:.2f} s")
+          f"1 KiB of the first burst: {burst[1] - burst[0]:.2f} s")
     assert took >= 0.95 * least, took  # the limit holds
-    # and holds back little more than it must: the wait plus the device's own time for 64 KiB (16
-    # times the 4 KiB of the burst, which the nested KVM makes slow and uneven) and a margin
-    assert took <= least + 16 * (burst[1] - burst[0]) + 3, took
+    assert took <= 2 * least + 5, took  # and holds back little more than it must
