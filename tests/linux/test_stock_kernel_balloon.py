@@ -28,8 +28,11 @@ MiB = 1 << 20
 BALLOON = 256 * MiB
 
 # The guest's side.  A tmpfs of its own (the root's would stop at half the RAM); `hold` fills the
-# free memory but for F2 MiB and a margin, so that the pages the balloon takes are ones the guest
-# has used (resident on the host): they come free when f2 is removed, after the target is set.
+# free memory but for f2 and a margin, so that the pages the balloon takes are ones the guest has
+# used (resident on the host): they come free when f2 is emptied, once the balloon has started.
+# Until then the guest starts no process (the shell's builtins only: `read` of /proc/meminfo, a
+# timed `read` of a FIFO as its sleep): the balloon takes the free memory down to the watermark,
+# where a fork can find the guest out of memory ("System is deadlocked on memory", seen once).
 GUEST = r"""
 kb() { awk -v k="$1:" '$1 == k {print $2}' /proc/meminfo; }
 until_total() { n=0; while [ $(kb MemTotal) $1 $2 ] && [ $n -lt 400 ]; do sleep 0.5; n=$((n+1)); done; }
@@ -39,10 +42,13 @@ echo MEMTOTAL0=$T0 FEATURES=$(cat /sys/bus/virtio/drivers/virtio_balloon/virtio*
 HOLD=$(( $(kb MemFree) / 1024 - 64 - 288 ))
 dd if=/dev/zero of=/b/hold bs=1M count=$HOLD 2>/dev/null
 dd if=/dev/zero of=/b/f2 bs=1M count=288 2>/dev/null
+mkfifo /b/tick
 echo STEP-INFLATE HOLD=$HOLD MemFree=$(kb MemFree)
-sleep 3
-rm /b/f2
-echo F2-REMOVED MemFree=$(kb MemFree)
+n=0
+while read -r k v u < /proc/meminfo && [ "$v" -ge $((T0 - 64)) ] && [ $n -lt 600 ]; do read -t 1 x <> /b/tick; n=$((n+1)); done
+: > /b/f2
+echo F2-REMOVED
+rm /b/f2 /b/tick
 until_total -gt $((T0 - 262144 + 2048))
 echo INFLATED MemTotal=$(kb MemTotal) MemFree=$(kb MemFree)
 until_total -lt $((T0 - 2048))
@@ -68,8 +74,10 @@ class ControlledVm:
         self.stderr: list[str] = []
         self.replies: queue.Queue = queue.Queue()
         self._changed = threading.Condition()
-        threading.Thread(target=self._read_console, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_console, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def _read_console(self) -> None:
         for line in self.proc.stdout:
@@ -93,8 +101,14 @@ class ControlledVm:
                     return hit
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None and not self._changed.wait(2.0):
-                    raise AssertionError(f"no {marker!r} on the console; it ended:\n" + "\n".join(self.lines[-40:])
-                                         + "\nstderr:\n" + "".join(self.stderr[-20:]))
+                    self._changed.release()
+                    try:
+                        for reader in self._readers:
+                            reader.join(timeout=10)  # (all the output of a process that ended)
+                    finally:
+                        self._changed.acquire()
+                    raise AssertionError(f"no {marker!r} on the console (exit status {self.proc.poll()}); it ended:\n"
+                                         + "\n".join(self.lines[-40:]) + "\nstderr:\n" + "".join(self.stderr[-20:]))
                 self._changed.wait(min(left, 1.0))
 
     def command(self, text: str) -> dict:
