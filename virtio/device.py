@@ -46,6 +46,7 @@ VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
+VIRTIO_ID_BALLOON = 5
 
 CONFIG = -1  # interrupt kind: configuration change (not a queue)
 

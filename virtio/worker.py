@@ -26,6 +26,7 @@ class IoThread:
         self._ep.register(self._stop_fd, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+        self._timers: list = []
 
     def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
@@ -51,6 +52,21 @@ class IoThread:
         """Stop watching fd (before closing it); its handler is not called again."""
         if self._handlers.pop(fd, None) is not None:
             self._ep.unregister(fd)
+
+    def add_timer(self, handler: Callable[[], None]):
+        """A virtio/timer.py Timer, disarmed: handler() runs (on this thread) each time it fires.
+        It is closed with the thread (stop())."""
+        from .timer import Timer
+
+        timer = Timer()
+        self._timers.append(timer)
+
+        def on_fire() -> None:
+            if timer.consume():
+                handler()
+
+        self.add_fd(timer.fd, on_fire)
+        return timer
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -78,3 +94,5 @@ class IoThread:
             self._thread.join()
         self._ep.close()
         os.close(self._stop_fd)
+        for timer in self._timers:
+            timer.close()

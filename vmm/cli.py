@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
         "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
         "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))
+    run.add_argument("--rng", nargs="?", const="", metavar="SPEC", help=(
+        "a virtio-rng device giving the guest entropy from the host's getrandom: [rate=BYTES/S] limits it "
+        "to that many bytes a second on average (e.g. rate=64K)"))
+    run.add_argument("--balloon", nargs="?", const="", metavar="SPEC", help=(
+        "a virtio-balloon device: [size=SIZE][,stats=SECONDS][,free-page-reporting=on][,deflate-on-oom=on]; "
+        "size: RAM the guest gives back at boot (0 by default; Machine.set_balloon_target changes it); stats: "
+        "ask for the guest's memory statistics every SECONDS; free-page-reporting: the guest's free memory "
+        "goes back to the host; deflate-on-oom: the guest may take ballooned memory back rather than run out"))
     run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "

@@ -39,7 +39,7 @@ from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
-from .virtio_devices import build_console, build_disk, build_net
+from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,17 @@ class Machine:
         self.disks, self.nets = [], []
         self.console_device = None  # virtio-console, with --console-device virtio or a --port
         self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
+        self.rng = self.balloon = None
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
             for spec in config.nets:
                 self.nets.append(self._add_net(spec))
             self.console_device = self._add_console() if config.console_device == "virtio" or config.ports else None
+            if config.rng is not None:
+                self.rng = self._add_virtio(build_rng(self.mem, config.rng))
+            if config.balloon is not None:
+                self.balloon = self._add_virtio(build_balloon(self.mem, config.balloon))
         except BaseException:
             self._close_devices()
             raise
@@ -188,10 +193,14 @@ class Machine:
     def _add_console(self):
         """The virtio-console-pci device: the console on port 0 with --console-device virtio (the
         serial port's input then goes nowhere), and the --port ports."""
+        virtio_console = self.config.console_device == "virtio"
+        return self._add_virtio(build_console(self.mem, self.config.ports,
+                                              self._console_sink if virtio_console else None))
+
+    def _add_virtio(self, dev):
+        """A virtio-pci function for a device that needs nothing else (--rng, --balloon)."""
         from virtio.pci import VirtioPciDevice
 
-        virtio_console = self.config.console_device == "virtio"
-        dev = build_console(self.mem, self.config.ports, self._console_sink if virtio_console else None)
         try:
             self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm), enable=self.firmware is None)
         except BaseException:
@@ -204,6 +213,24 @@ class Machine:
         if self.console_device is not None and self.console_device.ports[0] is not None:
             return self.console_device.ports[0].backend.feed
         return self.serial.feed
+
+    # -- the balloon while the VM runs (from any thread; the management API will expose these) --
+    def set_balloon_target(self, size: int) -> None:
+        """Ask the guest to give `size` bytes of its RAM back (0: all of it to the guest); raises
+        ValueError without --balloon or for more than the guest's RAM."""
+        if self.balloon is None:
+            raise ValueError("this VM has no balloon (--balloon)")
+        self.balloon.set_target(size)
+
+    def balloon_info(self) -> dict:
+        """target and actual (bytes the guest holds in the balloon), bytes inflated, deflated and
+        reported free so far, and the guest's last statistics (with `updates`, their times)."""
+        if self.balloon is None:
+            raise ValueError("this VM has no balloon (--balloon)")
+        b = self.balloon
+        page = 1 << 12
+        return {"target": b.num_pages * page, "actual": b.actual * page, "inflated": b.inflated,
+                "deflated": b.deflated, "reported": b.reported, "stats": b.stats()}
 
     def _net_rom(self, spec) -> bytes | None:
         rom = getattr(spec, "rom", None)
@@ -364,6 +391,7 @@ class Machine:
     def _close_devices(self) -> None:
         self.pci.close()  # closes each device: I/O threads joined, ioeventfds removed, images unlocked
         self.disks, self.nets = [], []
+        self.rng = self.balloon = None
         self.irq.close()
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from virtio.backends.raw import RawImage
 from virtio.blk import VirtioBlk
 from .config import DiskSpec, NetSpec, default_mac
+from .config import BalloonSpec, RngSpec
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -70,3 +71,21 @@ def _on_backend(backend, build):
     except BaseException:
         backend.close()
         raise
+
+
+def build_rng(mem: GuestMemory, spec: RngSpec):
+    """A virtio-rng device drawing on the host's getrandom, at most spec.rate bytes a second."""
+    from virtio.backends.entropy import HostEntropy
+    from virtio.rng import VirtioRng
+
+    return VirtioRng(mem, HostEntropy(), rate=spec.rate)
+
+
+def build_balloon(mem: GuestMemory, spec: BalloonSpec):
+    """A virtio-balloon device that gives inflated and reported pages back by punching holes in
+    guest RAM's memfd (raises ValueError for a size larger than the RAM)."""
+    from virtio.backends.ramdiscard import RamDiscard
+    from virtio.balloon import VirtioBalloon
+
+    return VirtioBalloon(mem, RamDiscard(mem.fd), target=spec.size, stats_interval=spec.stats_interval,
+                         free_page_reporting=spec.free_page_reporting, deflate_on_oom=spec.deflate_on_oom)

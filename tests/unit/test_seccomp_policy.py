@@ -61,7 +61,9 @@ def test_every_listed_call_is_denied(program):
                                       ("eventfd2", 290), ("epoll_wait", 232), ("tgkill", 234), ("futex", 202),
                                       ("io_uring_setup", 425), ("io_uring_enter", 426), ("prctl", 157),
                                       ("rt_sigaction", 13), ("exit_group", 231), ("fallocate", 285),
-                                      ("flock", 73), ("sendfile", 40), ("memfd_create", 319), ("socketpair", 53)])
+                                      ("flock", 73), ("sendfile", 40), ("memfd_create", 319), ("socketpair", 53),
+                                      ("getrandom", 318), ("timerfd_create", 283), ("timerfd_settime", 286),
+                                      ("madvise", 28)])
 def test_what_a_running_vmm_does_is_allowed(program, name, nr):
     assert run_filter(program, nr, 3, 0xAE80, 0) == ALLOW
 

@@ -17,10 +17,13 @@ from .host import check_cpus, check_host
 from .net import NetSpec, default_mac, format_mac, parse_mac, parse_net_spec
 from .options import ConfigError, parse_size
 from .vm import OPTIONS, VmConfig, from_dict
+from .balloon import BalloonSpec, parse_balloon_spec
+from .rng import RngSpec, parse_rng_spec
 
-__all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BootItem", "ConfigError", "DiskSpec", "NetSpec", "PortSpec",
-           "VmConfig", "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac", "from_args", "from_dict",
-           "parse_boot_order", "parse_disk_spec", "parse_mac", "parse_net_spec", "parse_port_spec", "parse_size"]
+__all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BalloonSpec", "BootItem", "ConfigError", "DiskSpec", "NetSpec",
+           "PortSpec", "RngSpec", "VmConfig", "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac",
+           "from_args", "from_dict", "parse_balloon_spec", "parse_boot_order", "parse_disk_spec", "parse_mac",
+           "parse_net_spec", "parse_port_spec", "parse_rng_spec", "parse_size"]
 
 
 def from_args(args) -> VmConfig:

@@ -35,12 +35,12 @@ def split_options(text: str, *, what: str, syntax: str, known: tuple[str, ...], 
     return first, values
 
 
-def check_dict(d: dict, *, where: str, known: tuple[str, ...], required: str, missing: str) -> None:
-    """The dict form of a disk or NIC (a config file's): only `known` keys, and `required` not empty."""
+def check_dict(d: dict, *, where: str, known: tuple[str, ...], required: str | None, missing: str = "") -> None:
+    """The dict form of a device (a config file's): only `known` keys, and `required` (if any) not empty."""
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r} (known: {', '.join(known)})")
-    if not d.get(required):
+    if required is not None and not d.get(required):
         raise ConfigError(f"{where}: {missing}")
 
 

@@ -12,6 +12,8 @@ from .console import PortSpec, check_ports, default_cmdline, parse_console_devic
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
 from .net import NetSpec, net_from_dict, parse_net_spec
+from .balloon import BalloonSpec, balloon_from_dict, check_balloon_size, parse_balloon_spec
+from .rng import RngSpec, parse_rng_spec, rng_from_dict
 from .options import MiB, ConfigError, parse_size
 from ..seccomp import MODES as SECCOMP_MODES
 
@@ -24,7 +26,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp",
-           "console_device", "port")
+           "console_device", "port", "rng", "balloon")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class VmConfig:
     seccomp: str = SECCOMP_MODES[0]    # the syscall filter `pyvmm run` installs once set up (vmm/seccomp)
     console_device: str = "serial"     # where the guest's console is: the serial port or virtio-console's hvc0
     ports: tuple[PortSpec, ...] = ()   # virtio-console's named ports
+    rng: RngSpec | None = None         # a virtio-rng device
+    balloon: BalloonSpec | None = None  # a virtio-balloon device
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -78,6 +82,9 @@ def from_dict(d: dict) -> VmConfig:
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
                   console_device=parse_console_device(d.get("console_device", "serial")),
                   ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)))
+    common.update(rng=_one(d, "rng", parse_rng_spec, rng_from_dict, RngSpec),
+                  balloon=_one(d, "balloon", parse_balloon_spec, balloon_from_dict, BalloonSpec))
+    check_balloon_size(common["balloon"], common["mem_size"])
     if "firmware" in d:
         return _firmware_config(d, common)
     for option in ("boot", "firmware_log"):
@@ -165,3 +172,17 @@ def _each(d: dict, option: str, from_text, from_dict_form) -> list:
         except ConfigError as e:
             raise ConfigError(f"--{option}: {e}") from None
     return out
+
+
+def _one(d: dict, option: str, from_text, from_dict_form, spec_type):
+    """A single-device option (--rng, --balloon): absent (None), True or "" (its defaults), its text,
+    a dict of its keys, or its spec."""
+    entry = d.get(option)
+    if entry is None or entry is False or isinstance(entry, spec_type):
+        return entry or None
+    try:
+        if entry is True:
+            return spec_type()
+        return from_text(entry) if isinstance(entry, str) else from_dict_form(entry)
+    except ConfigError as e:
+        raise ConfigError(f"--{option}: {e}") from None
