@@ -45,6 +45,7 @@ VIRTIO_F_IN_ORDER = 35
 VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_RNG = 4
+VIRTIO_ID_VSOCK = 19
 
 CONFIG = -1  # interrupt kind: configuration change (not a queue)
 

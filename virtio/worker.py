@@ -26,6 +26,7 @@ class IoThread:
         self._ep.register(self._stop_fd, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+        self.revents = 0  # the epoll events of the fd whose handler runs now
 
     def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
@@ -43,6 +44,15 @@ class IoThread:
         self._handlers[fd] = handler
         self._ep.register(fd, events)
 
+    def modify_fd(self, fd: int, events: int) -> None:
+        """Watch `fd` (added with add_fd) for `events` from now on."""
+        self._ep.modify(fd, events)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching `fd` (before it is closed); its handler is forgotten."""
+        self._ep.unregister(fd)
+        del self._handlers[fd]
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -52,10 +62,13 @@ class IoThread:
         handlers, stop_fd = self._handlers, self._stop_fd
         try:
             while True:
-                for fd, _ in self._ep.poll():
+                for fd, events in self._ep.poll():
                     if fd == stop_fd:
                         return
-                    handlers[fd]()
+                    handler = handlers.get(fd)
+                    if handler is not None:  # None: removed by a handler run earlier in this batch
+                        self.revents = events
+                        handler()
         except BaseException as e:  # a bug in device code: stop this device, keep the VM
             self.failure = e
             log.exception("%s: I/O thread failed", self.name)

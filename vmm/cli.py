@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
         "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
         "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))
+    run.add_argument("--vsock", metavar="SPEC", help=(
+        "a virtio-vsock device: cid=N,socket=PATH (N >= 3: the guest's CID); host programs reach a guest "
+        "listener on port P by connecting to the Unix socket PATH and sending 'CONNECT P\\n' (answered "
+        "'OK <host port>\\n'), and the guest reaches a host program listening on PATH_P by connecting to "
+        "CID 2, port P (Firecracker's hybrid vsock)"))
     run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "

@@ -39,7 +39,7 @@ from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
-from .virtio_devices import build_disk, build_net
+from .virtio_devices import build_disk, build_net, build_vsock
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,13 @@ class Machine:
         self.pci = PciHost(pio=self.pio, mmio=self.mmio, layout=self.pci_layout, on_reset=self.lifecycle.reset)
         self.disks, self.nets = [], []
         self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
+        self.vsock = None
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
             for spec in config.nets:
                 self.nets.append(self._add_net(spec))
+            self.vsock = self._add_vsock(config.vsock) if config.vsock is not None else None
         except BaseException:
             self._close_devices()
             raise
@@ -178,6 +180,21 @@ class Machine:
                 config = pci_dev.config
                 config.add_expansion_rom(patch_rom_ids(rom, config.get(VENDOR_ID, 2), config.get(DEVICE_ID, 2)))
             self.net_slots.append(self.pci.add_device(pci_dev, enable=self.firmware is None))
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def _add_vsock(self, spec):
+        """The virtio-vsock-pci device of --vsock, listening at its socket from now on."""
+        from virtio.pci import VirtioPciDevice
+
+        try:
+            dev = build_vsock(self.mem, spec)
+        except OSError as e:
+            raise ConfigError(f"--vsock socket {spec.socket}: {e.strerror or e}") from None
+        try:
+            self.pci.add_device(VirtioPciDevice(dev, irq=self.irq, vm=self.vm), enable=self.firmware is None)
         except BaseException:
             dev.close()
             raise

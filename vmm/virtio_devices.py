@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from virtio.backends.raw import RawImage
 from virtio.blk import VirtioBlk
-from .config import DiskSpec, NetSpec, default_mac
+from .config import DiskSpec, NetSpec, VsockSpec, default_mac
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -42,6 +42,15 @@ def build_net(mem: GuestMemory, spec: NetSpec, *, vm_id: str | int = "", default
                          queue_size=queue_size, mtu=spec.mtu or DEFAULT_MTU)
 
     return _on_backend(tap, build)
+
+
+def build_vsock(mem: GuestMemory, spec: VsockSpec):
+    """A virtio-vsock device listening at `spec.socket` (raises OSError: the socket cannot be made)."""
+    from virtio.backends.vsock_unix import UnixVsockBackend
+    from virtio.vsock import VirtioVsock
+
+    backend = UnixVsockBackend(spec.socket)
+    return _on_backend(backend, lambda: VirtioVsock(mem, backend, guest_cid=spec.cid))
 
 
 def _on_backend(backend, build):

@@ -5,7 +5,7 @@
     Machine(check_host(config))
 
 options.py: KEY=VALUE lists, on/off, counts, sizes, ConfigError; disk.py, net.py, boot.py: --disk,
---net, --boot; vm.py: VmConfig and from_dict; host.py: the files a config names."""
+--net, --boot; vsock.py: --vsock; vm.py: VmConfig and from_dict; host.py: the files a config names."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from .host import check_cpus, check_host
 from .net import NetSpec, default_mac, format_mac, parse_mac, parse_net_spec
 from .options import ConfigError, parse_size
 from .vm import OPTIONS, VmConfig, from_dict
+from .vsock import VsockSpec, parse_vsock_spec
 
 __all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BootItem", "ConfigError", "DiskSpec", "NetSpec", "VmConfig",
            "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac", "from_args", "from_dict",
            "parse_boot_order", "parse_disk_spec", "parse_mac", "parse_net_spec", "parse_size"]
+__all__ += ["VsockSpec", "parse_vsock_spec"]
 
 
 def from_args(args) -> VmConfig:

@@ -12,6 +12,7 @@ from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
 from .net import NetSpec, net_from_dict, parse_net_spec
 from .options import MiB, ConfigError, parse_size
+from .vsock import VsockSpec, parse_vsock_spec, vsock_from_dict
 from ..seccomp import MODES as SECCOMP_MODES
 
 PAGE_SIZE = 4096
@@ -23,6 +24,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp")
+OPTIONS += ("vsock",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class VmConfig:
     stats: bool = False                # profile the vCPUs' exits (vmm/exit_stats.py), a table on stderr
     stats_json: str | None = None      # and the same as JSON in this file
     seccomp: str = SECCOMP_MODES[0]    # the syscall filter `pyvmm run` installs once set up (vmm/seccomp)
+    vsock: VsockSpec | None = None     # a virtio-vsock-pci device (vmm/config/vsock.py)
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -70,7 +73,8 @@ def from_dict(d: dict) -> VmConfig:
                   seccomp=_choice(d, "seccomp", SECCOMP_MODES),
                   **_stats(d.get("stats", False)),
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
-                  nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)))
+                  nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
+                  vsock=_vsock(d.get("vsock")))
     if "firmware" in d:
         return _firmware_config(d, common)
     for option in ("boot", "firmware_log"):
@@ -90,6 +94,16 @@ def _firmware_config(d: dict, common: dict) -> VmConfig:
     order = parse_boot_order(d["boot"]) if "boot" in d else None
     boot_slots(order or DEFAULT_BOOT_ORDER, list(range(len(common["disks"]))), list(range(len(common["nets"]))))
     return VmConfig(firmware=str(d["firmware"]), boot_order=order, firmware_log=d.get("firmware_log"), **common)
+
+
+def _vsock(value) -> VsockSpec | None:
+    """--vsock: its text, a dict of its keys, or a VsockSpec (None: no vsock device)."""
+    if value is None or isinstance(value, VsockSpec):
+        return value
+    try:
+        return parse_vsock_spec(value) if isinstance(value, str) else vsock_from_dict(value)
+    except ConfigError as e:
+        raise ConfigError(f"--vsock: {e}") from None
 
 
 def _mem(value) -> int:
