@@ -393,7 +393,7 @@ class VsockMuxer:
                 self._host_hung_up(conn)
                 return
         if sent < hdr.len:
-            skip, rest = split_views(payload, sent)
+            _, rest = split_views(payload, sent)
             for view in rest:
                 conn.pending += view
         self._forwarded(conn, sent)

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from tests.support.mockqueue import Buf
-from tests.support.vsockdriver import LAYOUTS, GuestVsock, cut
+from tests.support.vsockdriver import LAYOUTS, GuestVsock
 from virtio.backends.vsock_unix import ConnectLineError, UnixVsockBackend, parse_connect_line
 from virtio.device import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_ID_VSOCK
 from virtio.vsock import TX, VirtioVsock
 from virtio.vsock_conn import BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, ESTABLISHED, Connection, CreditError
-from virtio.vsock_packet import (HDR_SIZE, MAX_PKT_PAYLOAD, VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+from virtio.vsock_packet import (MAX_PKT_PAYLOAD, VIRTIO_VSOCK_OP_CREDIT_REQUEST,
                                  VIRTIO_VSOCK_OP_CREDIT_UPDATE, VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE,
                                  VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_OP_SHUTDOWN,
                                  VIRTIO_VSOCK_SHUTDOWN_F_SEND, VIRTIO_VSOCK_SHUTDOWN_MASK,
