@@ -46,19 +46,13 @@ VIRTIO_VSOCK_CONFIG = struct.Struct("<Q")  # struct virtio_vsock_config { le64 g
 
 
 class _ThreadWatcher(Watcher):
-    """The muxer's fds on the device's IoThread: a handler gets the epoll events, then the device
-    moves what it made possible (`then`)."""
+    """The muxer's fds on the device's IoThread (a handler gets the epoll events)."""
 
-    def __init__(self, thread: IoThread, then):
+    def __init__(self, thread: IoThread):
         self.thread = thread
-        self.then = then
 
     def add(self, fd, handler, events) -> None:
-        def on_event() -> None:
-            handler(self.thread.revents)
-            self.then()
-
-        self.thread.add_fd(fd, on_event, events)
+        self.thread.add_fd(fd, lambda: handler(self.thread.revents), events)
 
     def modify(self, fd, events) -> None:
         self.thread.modify_fd(fd, events)
@@ -89,9 +83,10 @@ class VirtioVsock(VirtioDevice):
         self._event_due = self._activations > 0
         self._activations += 1
         thread = IoThread(f"vsock-{self.guest_cid}")
-        self.mux = VsockMuxer(self.backend, self.guest_cid, _ThreadWatcher(thread, self.service))
-        for index, fd in enumerate(self.queue_events):
-            thread.add_eventfd(fd, partial(self.service, index))
+        self.mux = VsockMuxer(self.backend, self.guest_cid, _ThreadWatcher(thread))
+        for fd in self.queue_events:  # a kick is consumed; service() then looks at every queue
+            thread.add_eventfd(fd, lambda: None)
+        thread.after_events = self.service  # once per wake-up, whatever woke it: one pass, one interrupt
         self.mux.start()
         self._thread = thread
         thread.start()
@@ -110,23 +105,26 @@ class VirtioVsock(VirtioDevice):
         self.backend.close()
 
     # -- the I/O thread ------------------------------------------------------------------------
-    def service(self, kicked: int = -1) -> None:
-        """One pass over the queues (any wake-up: a queue's kick, a host stream's event)."""
-        if kicked == EVENT or self._event_due:
+    def service(self) -> None:
+        """One pass over the queues after a wake-up (queue kicks, host stream events, or both)."""
+        if self._event_due:
             self._send_event()
-        self._take_tx()
+        left = self._take_tx()
         self._fill_rx()
-        if not self.mux.congested():  # tx packets left for want of rx buffers can go now
+        if left and not self.mux.congested():  # tx packets left for want of rx buffers can go now
             self._take_tx()
             self._fill_rx()
 
     def _serve(self, index: int) -> bool:
         return self.queues[index].ready and not self._queue_failed[index]
 
-    def _take_tx(self) -> None:
+    def _take_tx(self) -> bool:
+        """Act on the guest's tx packets; True if some were left in the ring (the packets for the
+        guest are backed up)."""
         if not self._serve(TX):
-            return
+            return False
         q = self.queues[TX]
+        left = False
         try:
             for chain in q.drain(partial(self._on_chain_error, q)):
                 try:
@@ -139,12 +137,14 @@ class VirtioVsock(VirtioDevice):
                     self.mux.on_guest_packet(hdr, payload)
                 q.add_used(chain.head, 0)  # the payload has gone or been copied: the buffers are the driver's
                 if self.mux.congested():
+                    left = True
                     break
         except QueueError as err:
             self.fail_queue(TX, err)
-            return
+            return False
         if q.ready:
             self.publish_and_notify(TX)
+        return left
 
     def _fill_rx(self) -> None:
         if not self._serve(RX) or not self.mux.has_rx():

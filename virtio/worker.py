@@ -27,6 +27,7 @@ class IoThread:
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.revents = 0  # the epoll events of the fd whose handler runs now
+        self.after_events: Callable[[], None] | None = None  # run once after each wake-up's handlers
 
     def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
@@ -69,6 +70,8 @@ class IoThread:
                     if handler is not None:  # None: removed by a handler run earlier in this batch
                         self.revents = events
                         handler()
+                if self.after_events is not None:
+                    self.after_events()
         except BaseException as e:  # a bug in device code: stop this device, keep the VM
             self.failure = e
             log.exception("%s: I/O thread failed", self.name)
