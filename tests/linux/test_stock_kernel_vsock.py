@@ -58,6 +58,7 @@ failed=0
 for p in $pids; do wait $p || failed=$((failed+1)); done
 echo G2H-DONE failed=$failed after $(($(date +%s)-start)) s
 sed 's/^.* E /G2H-ERROR /' g2h.err | sort | uniq -c | head -5
+dmesg | grep -i vsock | sed 's/^/G2H-DMESG /' | tail -5
 n=0
 while [ $(wc -l < hashes) -lt {N_STREAMS} ] && [ $n -lt 400 ]; do sleep 1; n=$((n+1)); done
 echo H2G-DONE after $(($(date +%s)-start)) s
@@ -138,12 +139,6 @@ class Host:
             conn, _ = self.g2h_listener.accept()
             conn.settimeout(TIMEOUT)
             self._spawn(one, conn)
-        # Every guest stream is connected (and sending): now the streams to the guest start, so both
-        # ways run at once.  Not before: a guest connect fails after 2 s without the device's RESPONSE
-        # (Linux's connect timeout), and when both started together in the nested KVM 58 of 64 guest
-        # streams failed, most likely so (the guest busy with 64 incoming streams; socat's messages
-        # were not kept then).
-        self.start_guest_facing()
 
     def _accept_and_leave(self) -> None:
         conn, _ = self.reset_listener.accept()
@@ -193,15 +188,23 @@ def test_vsock_both_ways_stalls_and_resets(capsys):
     vm = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
     lines: list[str] = []
+    started = []
 
     def reader():
         for line in vm.stdout:
             lines.append(line)
+            if "LISTENING" in line and not started:
+                started.append(time.monotonic())
+                host.start_guest_facing()
 
     t = threading.Thread(target=reader)
     t.start()
     try:
-        vm.wait(timeout=TIMEOUT)
+        try:
+            vm.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the guest did not finish in {TIMEOUT} s; its console ended:\n"
+                                 + "".join(lines)[-3000:].replace("\r", "")) from None
         t.join(timeout=10)
     finally:
         if vm.poll() is None:
