@@ -12,14 +12,17 @@ without end - the guest's socat must fail (EPIPE: the device reset the connectio
 
 Size: the issue asks for 64 connections of 32 MiB each way (4 GiB in all).  In the nested KVM (L1: QEMU's
 software CPU emulating SVM) the guest, pyvmm and the host programs all run emulated on L1's 2 CPUs.
-Measured there: 64 x 2 MiB to the guest took 343 s (with an earlier device that made two passes per
-event), 64 x 1 MiB took 79 s with the guest's 64 streams running too: about 0.8 MiB/s, the guest's
-4 KiB rx buffers each a packet.  32 MiB each way would take over an hour, 2 MiB about 5 minutes of
-the 10 a test may take in L1; so STREAM_BYTES = 1 MiB per stream and direction (64 MiB each way).
+Measured there (one boot each, 2 vCPUs, 1 GiB): with 1 MiB per stream, the 64 streams to the guest
+were done after 79 s and the guest's 64 after 48 s, the test 140 s; with 2 MiB, 194 s and 136 s, the
+test 269 s (about 0.65 MiB/s each way at once; the guest's 4 KiB rx buffers are a packet each).
+32 MiB each way would take over an hour of the 10 minutes a test may take in L1, so STREAM_BYTES =
+2 MiB per stream and direction (128 MiB each way), the largest that keeps the test near 4.5 minutes
+(1 MiB halves it, if CI time is short).
 
 The guest's socats connect with retry: Linux gives up a vsock connect after 2 s without the RESPONSE,
 and in L1, with 64 streams moving, the guest itself took longer than that to handle the rx batch that
-held it (50 of 64 connects timed out, "Connection timed out", when tried once).  A given-up attempt
+held it (50 of 64 connects timed out, "Connection timed out", when tried once; with retry the 2 MiB
+run gave up and retried 282 attempts, the 1 MiB run 40).  A given-up attempt
 reaches the host as a connection that ends without a byte (the guest's RST to the late RESPONSE):
 counted, and every one of the 64 streams must still arrive whole.
 """
@@ -42,7 +45,7 @@ from tests.support.stock import ROOT, pyvmm_argv
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.native]
 
 N_STREAMS = 64
-STREAM_BYTES = 1 << 20  # per stream and direction: see the docstring
+STREAM_BYTES = 2 << 20  # per stream and direction: see the docstring
 H2G_PORT, STUCK_PORT, G2H_PORT, G2H_RESET_PORT, H2G_RESET_PORT = 5000, 5001, 6000, 7000, 5002
 CID = 42
 TIMEOUT = 540
