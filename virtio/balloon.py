@@ -32,13 +32,12 @@ from __future__ import annotations
 import collections
 import logging
 import struct
-import threading
 import time
 from functools import partial
 from typing import Callable, Iterable, Protocol
 
 from vmm.memory import GuestMemory
-from .balloon_requests import (BALLOON_PAGE, VIRTIO_BALLOON_PFN_SHIFT, BadRequest, pfn_ranges, read_pfns,
+from .balloon_requests import (VIRTIO_BALLOON_PFN_SHIFT, BadRequest, pfn_ranges, read_pfns,
                                read_stats, reported_ranges, stat_name)
 from .device import VIRTIO_ID_BALLOON, VirtioDevice
 from .queue import DescriptorChain, QueueError

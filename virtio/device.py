@@ -47,6 +47,7 @@ VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
 VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_VSOCK = 19
 
 CONFIG = -1  # interrupt kind: configuration change (not a queue)
 

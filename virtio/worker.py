@@ -27,6 +27,8 @@ class IoThread:
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self._timers: list = []
+        self.revents = 0  # the epoll events of the fd whose handler runs now
+        self.after_events: Callable[[], None] | None = None  # run once after each wake-up's handlers
 
     def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
@@ -77,12 +79,15 @@ class IoThread:
         handlers, stop_fd = self._handlers, self._stop_fd
         try:
             while True:
-                for fd, _ in self._ep.poll():
+                for fd, events in self._ep.poll():
                     if fd == stop_fd:
                         return
-                    handler = handlers.get(fd)  # None: removed by a handler of the same batch
-                    if handler is not None:
+                    handler = handlers.get(fd)
+                    if handler is not None:  # None: removed by a handler run earlier in this batch
+                        self.revents = events
                         handler()
+                if self.after_events is not None:
+                    self.after_events()
         except BaseException as e:  # a bug in device code: stop this device, keep the VM
             self.failure = e
             log.exception("%s: I/O thread failed", self.name)

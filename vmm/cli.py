@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "size: RAM the guest gives back at boot (0 by default; Machine.set_balloon_target changes it); stats: "
         "ask for the guest's memory statistics every SECONDS; free-page-reporting: the guest's free memory "
         "goes back to the host; deflate-on-oom: the guest may take ballooned memory back rather than run out"))
+    run.add_argument("--vsock", metavar="SPEC", help=(
+        "a virtio-vsock device: cid=N,socket=PATH (N >= 3: the guest's CID); host programs reach a guest "
+        "listener on port P by connecting to the Unix socket PATH and sending 'CONNECT P\\n' (answered "
+        "'OK <host port>\\n'), and the guest reaches a host program listening on PATH_P by connecting to "
+        "CID 2, port P (Firecracker's hybrid vsock)"))
     run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "

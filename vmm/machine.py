@@ -39,7 +39,7 @@ from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
 from .vcpu import KICK_SIGNAL, VcpuThread
-from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng
+from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng, build_vsock
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Machine:
         self.console_device = None  # virtio-console, with --console-device virtio or a --port
         self.disk_slots, self.net_slots = [], []  # PCI slot of each, in command-line order
         self.rng = self.balloon = None
+        self.vsock = None
         try:
             for spec in config.disks:
                 self.disks.append(self._add_disk(spec))
@@ -141,6 +142,7 @@ class Machine:
                 self.rng = self._add_virtio(build_rng(self.mem, config.rng))
             if config.balloon is not None:
                 self.balloon = self._add_virtio(build_balloon(self.mem, config.balloon))
+            self.vsock = self._add_vsock(config.vsock) if config.vsock is not None else None
         except BaseException:
             self._close_devices()
             raise
@@ -197,8 +199,16 @@ class Machine:
         return self._add_virtio(build_console(self.mem, self.config.ports,
                                               self._console_sink if virtio_console else None))
 
+    def _add_vsock(self, spec):
+        """The virtio-vsock-pci device of --vsock, listening at its socket from now on."""
+        try:
+            dev = build_vsock(self.mem, spec)
+        except OSError as e:
+            raise ConfigError(f"--vsock socket {spec.socket}: {e.strerror or e}") from None
+        return self._add_virtio(dev)
+
     def _add_virtio(self, dev):
-        """A virtio-pci function for a device that needs nothing else (--rng, --balloon)."""
+        """A virtio-pci function for a device that needs nothing else (--rng, --balloon, --vsock...)."""
         from virtio.pci import VirtioPciDevice
 
         try:

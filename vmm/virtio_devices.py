@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 from virtio.backends.raw import RawImage
 from virtio.blk import VirtioBlk
-from .config import DiskSpec, NetSpec, default_mac
-from .config import BalloonSpec, RngSpec
+from .config import BalloonSpec, DiskSpec, NetSpec, RngSpec, VsockSpec, default_mac
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -62,6 +61,15 @@ def build_console(mem: GuestMemory, ports, console_sink=None, *, queue_size: int
         for _, backend in opened:
             backend.close()
         raise
+
+
+def build_vsock(mem: GuestMemory, spec: VsockSpec):
+    """A virtio-vsock device listening at `spec.socket` (raises OSError: the socket cannot be made)."""
+    from virtio.backends.vsock_unix import UnixVsockBackend
+    from virtio.vsock import VirtioVsock
+
+    backend = UnixVsockBackend(spec.socket)
+    return _on_backend(backend, lambda: VirtioVsock(mem, backend, guest_cid=spec.cid))
 
 
 def _on_backend(backend, build):

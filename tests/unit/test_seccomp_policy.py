@@ -147,3 +147,12 @@ def test_the_assembler_jumps_forward_only_and_not_too_far():
     a.jump(abi.BPF_JEQ, 1, "nowhere")
     with pytest.raises(BpfError, match="undefined"):
         a.assemble()
+
+
+@pytest.mark.parametrize("name, nr", [("connect", 42), ("accept4", 288), ("bind", 49), ("listen", 50),
+                                      ("sendmsg", 46), ("recvmsg", 47), ("recvfrom", 45), ("shutdown", 48)])
+def test_what_virtio_vsock_does_at_run_time_is_allowed(program, name, nr):
+    """--vsock's device (virtio/backends/vsock_unix.py) accepts host programs on its Unix socket, connects
+    to PATH_<port> for the guest, and moves bytes with sendmsg / recvmsg, all after the filter is in."""
+    assert run_filter(program, NR["socket"], AF_UNIX, 0x80801, 0) == ALLOW  # SOCK_STREAM|NONBLOCK|CLOEXEC
+    assert run_filter(program, nr, 7, 0, 0) == ALLOW

@@ -5,7 +5,7 @@
     Machine(check_host(config))
 
 options.py: KEY=VALUE lists, on/off, counts, sizes, ConfigError; disk.py, net.py, boot.py: --disk,
---net, --boot; vm.py: VmConfig and from_dict; host.py: the files a config names;
+--net, --boot; vsock.py: --vsock; vm.py: VmConfig and from_dict; host.py: the files a config names;
 console.py: --console-device, --port."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from .options import ConfigError, parse_size
 from .vm import OPTIONS, VmConfig, from_dict
 from .balloon import BalloonSpec, parse_balloon_spec
 from .rng import RngSpec, parse_rng_spec
+from .vsock import VsockSpec, parse_vsock_spec
 
 __all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BalloonSpec", "BootItem", "ConfigError", "DiskSpec", "NetSpec",
-           "PortSpec", "RngSpec", "VmConfig", "boot_slots", "check_cpus", "check_host", "default_mac", "format_mac",
-           "from_args", "from_dict", "parse_balloon_spec", "parse_boot_order", "parse_disk_spec", "parse_mac",
-           "parse_net_spec", "parse_port_spec", "parse_rng_spec", "parse_size"]
+           "PortSpec", "RngSpec", "VmConfig", "VsockSpec", "boot_slots", "check_cpus", "check_host", "default_mac",
+           "format_mac", "from_args", "from_dict", "parse_balloon_spec", "parse_boot_order", "parse_disk_spec",
+           "parse_mac", "parse_net_spec", "parse_port_spec", "parse_rng_spec", "parse_size", "parse_vsock_spec"]
 
 
 def from_args(args) -> VmConfig:

@@ -36,6 +36,8 @@ def check_host(c: VmConfig) -> VmConfig:
     for net in c.nets:
         if net.rom not in (None, "off"):
             _firmware_file(lambda image: image.load_rom(net.rom, "--net rom"))
+    if c.vsock is not None:
+        vsock_socket(c.vsock.socket)
     if c.firmware is not None:
         image = _firmware_file(lambda image: image.load_firmware(c.firmware or None))
         if c.firmware_log is not None:
@@ -88,6 +90,19 @@ def writable_file(path: str, what: str) -> str:
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
         raise ConfigError(f"{what} {path} is not writable")
     return path
+
+
+def vsock_socket(path: str) -> None:
+    """Where --vsock listens: a directory pyvmm may create the socket in, nothing but a socket there."""
+    import stat
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--vsock socket: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--vsock socket: directory {parent} is not writable")
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ConfigError(f"--vsock socket: {path} exists and is not a socket")
 
 
 def _firmware_file(load):

@@ -15,6 +15,7 @@ from .net import NetSpec, net_from_dict, parse_net_spec
 from .balloon import BalloonSpec, balloon_from_dict, check_balloon_size, parse_balloon_spec
 from .rng import RngSpec, parse_rng_spec, rng_from_dict
 from .options import MiB, ConfigError, parse_size
+from .vsock import VsockSpec, parse_vsock_spec, vsock_from_dict
 from ..seccomp import MODES as SECCOMP_MODES
 
 PAGE_SIZE = 4096
@@ -26,7 +27,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp",
-           "console_device", "port", "rng", "balloon")
+           "console_device", "port", "rng", "balloon", "vsock")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class VmConfig:
     ports: tuple[PortSpec, ...] = ()   # virtio-console's named ports
     rng: RngSpec | None = None         # a virtio-rng device
     balloon: BalloonSpec | None = None  # a virtio-balloon device
+    vsock: VsockSpec | None = None     # a virtio-vsock-pci device (vmm/config/vsock.py)
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -81,7 +83,8 @@ def from_dict(d: dict) -> VmConfig:
                   disks=tuple(_each(d, "disk", parse_disk_spec, disk_from_dict)),
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
                   console_device=parse_console_device(d.get("console_device", "serial")),
-                  ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)))
+                  ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)),
+                  vsock=_vsock(d.get("vsock")))
     common.update(rng=_one(d, "rng", parse_rng_spec, rng_from_dict, RngSpec),
                   balloon=_one(d, "balloon", parse_balloon_spec, balloon_from_dict, BalloonSpec))
     check_balloon_size(common["balloon"], common["mem_size"])
@@ -104,6 +107,16 @@ def _firmware_config(d: dict, common: dict) -> VmConfig:
     order = parse_boot_order(d["boot"]) if "boot" in d else None
     boot_slots(order or DEFAULT_BOOT_ORDER, list(range(len(common["disks"]))), list(range(len(common["nets"]))))
     return VmConfig(firmware=str(d["firmware"]), boot_order=order, firmware_log=d.get("firmware_log"), **common)
+
+
+def _vsock(value) -> VsockSpec | None:
+    """--vsock: its text, a dict of its keys, or a VsockSpec (None: no vsock device)."""
+    if value is None or isinstance(value, VsockSpec):
+        return value
+    try:
+        return parse_vsock_spec(value) if isinstance(value, str) else vsock_from_dict(value)
+    except ConfigError as e:
+        raise ConfigError(f"--vsock: {e}") from None
 
 
 def _mem(value) -> int:

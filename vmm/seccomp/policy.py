@@ -17,7 +17,9 @@ The program, for each system call:
      without it).  clone3: ENOSYS whatever the mode, because its flags are in memory a filter
      cannot read; glibc's pthread_create (2.34+) then falls back to clone, which rule 3 checks.
   4. socket: allowed only for AF_UNIX (glibc's NSS may use one; virtio-console's --port listens on
-     one, made before the filter, and accepts its clients with accept4).
+     one, made before the filter, and accepts its clients with accept4; --vsock's device listens on a
+     Unix socket and connects to PATH_<port> for the guest at run time: bind, listen, accept4, connect,
+     sendmsg, recvmsg and shutdown are not denied, whatever the socket).
   5. DENIED: the deny action.
   6. anything else: allowed.
 Arguments are compared on their low 32 bits, the `int` the kernel uses (clone's flags, socket's family).
