@@ -14,7 +14,7 @@ venv=$repo/.venv
 stamp=$venv/.pyvmm-setup
 
 packages=(
-    python3 python3-venv python3-pip gcc binutils make busybox-static fio iperf3 strace
+    python3 python3-venv python3-pip gcc binutils make busybox-static fio iperf3 socat strace
     qemu-system-x86 iproute2 iputils-ping lz4 zstd xz-utils bzip2 dpkg-dev cpio libc6-dev linux-libc-dev acpica-tools
     seabios ipxe-qemu dnsmasq-base grub-pc-bin xorriso mtools e2fsprogs debootstrap
 )
