@@ -59,13 +59,18 @@ def connect(path):
     return client
 
 
-def test_socket_port_backpressure_output_and_reconnects(setup):
-    mem, dev, drv, path = setup
+def port_ready(dev, drv):
+    """The driver's handshake up to port 1's PORT_READY, its control messages taken."""
     drv.control_buffers(32)
     drv.send(BAD_ID, VIRTIO_CONSOLE_DEVICE_READY, 1)
     drv.send(1, VIRTIO_CONSOLE_PORT_READY, 1)
     wait_for(lambda: dev.ports[1].ready, "PORT_READY handled")
     drv.received()
+
+
+def test_socket_port_backpressure_output_and_reconnects(setup):
+    mem, dev, drv, path = setup
+    port_ready(dev, drv)
 
     first = connect(path)
     opens(drv, [1])
@@ -147,11 +152,7 @@ def test_file_port_appends(tmp_path):
 
 def test_a_client_that_hangs_up_is_let_go_and_its_unread_input_kept(setup):
     mem, dev, drv, path = setup
-    drv.control_buffers(32)
-    drv.send(BAD_ID, VIRTIO_CONSOLE_DEVICE_READY, 1)
-    drv.send(1, VIRTIO_CONSOLE_PORT_READY, 1)
-    wait_for(lambda: dev.ports[1].ready, "PORT_READY handled")
-    drv.received()
+    port_ready(dev, drv)
     idle = connect(path)
     opens(drv, [1])
     idle.close()  # nothing unread, the guest not using the port: let go at once
