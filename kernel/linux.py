@@ -60,6 +60,7 @@ class LinuxBoot:
     boot_protocol: str | None       # "2.15" (None for a raw vmlinux file)
     pvh_entry: int | None           # XEN_ELFNOTE_PHYS32_ENTRY of the vmlinux, if known
     e820: tuple[E820Entry, ...] = field(repr=False)
+    cmdline_limit: int = DEFAULT_CMDLINE_SIZE - 1  # the longest command line this kernel takes
 
     @property
     def initrd_end(self) -> int:
@@ -153,7 +154,8 @@ def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, init
     if entry == "bzimage":
         params["code32_start"] = kernel_start
 
-    _write_cmdline(mem, cmdline, image.header.cmdline_size if image else DEFAULT_CMDLINE_SIZE)
+    cmdline_limit = _cmdline_limit(image.header.cmdline_size if image else DEFAULT_CMDLINE_SIZE)
+    write_cmdline(mem, cmdline, cmdline_limit)
     params.set_cmdline(layout.CMDLINE)
 
     e820 = build_e820(mem.regions, reserved)
@@ -184,6 +186,7 @@ def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, init
         boot_protocol=image.header.protocol if image else None,
         pvh_entry=pvh_entry,
         e820=tuple(e820),
+        cmdline_limit=cmdline_limit,
     )
 
 
@@ -283,11 +286,17 @@ def bzimage_load_address(image: BzImage, mem: GuestMemory, need: int) -> int:
         f"guest RAM is too small for the kernel: it needs {need:#x} bytes from {candidates[-1]:#x}")
 
 
-def _write_cmdline(mem: GuestMemory, cmdline: str | bytes, cmdline_size: int) -> None:
+def _cmdline_limit(cmdline_size: int) -> int:
+    """The longest command line (without its NUL) for a kernel declaring `cmdline_size`."""
+    return min(cmdline_size or DEFAULT_CMDLINE_SIZE, layout.CMDLINE_MAX_SIZE - 1)
+
+
+def write_cmdline(mem: GuestMemory, cmdline: str | bytes, limit: int) -> None:
+    """The command line, NUL-terminated, where the zero page points (layout.CMDLINE); it may be
+    written again before the guest runs (LinuxBoot.cmdline_limit is the `limit`)."""
     raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
     if b"\0" in raw:
         raise KernelImageError("kernel command line contains a NUL byte")
-    limit = min(cmdline_size or DEFAULT_CMDLINE_SIZE, layout.CMDLINE_MAX_SIZE - 1)
     if len(raw) > limit:
         raise KernelImageError(
             f"kernel command line is {len(raw)} bytes; this kernel accepts at most {limit}")

@@ -1,7 +1,8 @@
 """The ways pyvmm starts a guest: two in 64-bit mode, and firmware.
 
-* `boot_linux`: a Linux kernel (bzImage or vmlinux) through the 64-bit boot
-  protocol, kernel mode, with ACPI tables describing the machine.
+* `finish_linux`: a Linux kernel (bzImage or vmlinux) through the 64-bit boot
+  protocol, kernel mode, with ACPI tables describing the machine (its kernel and
+  initrd placed and loading already: vmm/early.py).
 * `boot_program`: a freestanding x86-64 ELF (our driver guest, test guests) in
   guest user mode (CPL 3, IOPL 3, interrupts off), which runs natively on every
   KVM, including the software KVM of hosts without VT-x/AMD-V.
@@ -17,13 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernel import acpi, layout
-from kernel.cache import KernelCache
 from kernel.elf import load_elf
 from kernel.errors import KernelImageError
-from kernel.linux import LinuxBoot, load_linux
-from kernel.loads import BackgroundLoads
+from kernel.linux import LinuxBoot, write_cmdline
 from kernel.x86 import LongModeState, long_mode_state, page_table_bytes, write_gdt, write_identity_page_tables
-from .kit import kernel_cache_dir
 
 # user-mode programs: page tables from PROGRAM_PAGE_TABLES up (before the 4 MiB
 # where programs are linked), each vCPU's stack PROGRAM_STACK_SIZE below the last
@@ -60,10 +58,10 @@ def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConf
     )
 
 
-def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int, entry: str = "vmlinux",
-               pci=None, reserved=(), loads: BackgroundLoads | None = None) -> BootPlan:
-    """`pci`: the PciHostConfig the DSDT describes; `reserved`: extra e820 reserved ranges (ECAM);
-    `loads`: where the kernel's and initrd's bytes may still be moving on return (kernel/loads.py)."""
+def finish_linux(mem, linux: LinuxBoot, *, cpus: int, pci=None, cmdline: str | None = None) -> BootPlan:
+    """The rest of a direct Linux boot whose kernel and initrd vmm/early.py placed: the ACPI tables
+    (`pci`: the PciHostConfig the DSDT describes), the reset vector, the boot page tables and
+    registers; `cmdline`, when given, replaces the command line written then."""
     config = acpi_config(cpus, pci)
     tables = acpi.build(config, rsdp_addr=layout.ACPI_START)
     for gpa, blob in tables.items():
@@ -71,8 +69,8 @@ def boot_linux(mem, *, kernel: str, initrd: str | None, cmdline: str, cpus: int,
             raise KernelImageError(f"ACPI tables reach {gpa + len(blob):#x}, past {layout.ACPI_END:#x}")
         mem.write(gpa, blob)
     mem.write(layout.RESET_VECTOR, reset_vector_code(config.reset_port, config.reset_value))
-    linux = load_linux(mem, kernel, initrd, cmdline, entry=entry, reserved=reserved,
-                       acpi_rsdp_addr=layout.ACPI_START, kernel_cache=KernelCache(kernel_cache_dir()), loads=loads)
+    if cmdline is not None:
+        write_cmdline(mem, cmdline, linux.cmdline_limit)
     gdt = write_gdt(mem, layout.BOOT_GDT)
     cr3 = write_identity_page_tables(mem, layout.PML4, 4 << 30)
     bsp = long_mode_state(cr3=cr3, gdt=gdt, rip=linux.entry, rsi=linux.zero_page, rsp=layout.BOOT_STACK_TOP)

@@ -154,19 +154,32 @@ def cmd_check() -> int:
 
 def cmd_run(args, main_start_wall: float | None = None) -> int:
     from kernel.errors import KernelImageError
-    from virtio.backends.port import PortError
-    from virtio.backends.raw import ImageError
-    from virtio.backends.tap import TapError
-    from .firmware.image import FirmwareError
-    from .console import stdin_fd
-    from .hostcheck import EMULATED_WARNING, kernel_mode_native
-    from .machine import Machine
 
     cfg = config.from_args(args)
-    kvm = open_kvm()
-    config.check_cpus(cfg, kvm.max_vcpus())
-    if not cfg.program:
-        cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
+    # First the kernel starts moving into guest RAM, while the rest is imported and made (vmm/early.py);
+    # a kernel or initrd that cannot be loaded is reported after the host's and the options' errors.
+    early = kernel_error = None
+    try:
+        early = start_early(cfg)
+    except KernelImageError as e:
+        kernel_error = e
+    try:
+        from virtio.backends.errors import ImageError, PortError, TapError
+        from .console import stdin_fd
+        from .firmware.image import FirmwareError
+        from .hostcheck import EMULATED_WARNING, kernel_mode_native
+        from .machine import Machine
+
+        kvm = open_kvm()
+        config.check_cpus(cfg, kvm.max_vcpus())
+        if kernel_error is not None:
+            raise UsageError(str(kernel_error))
+        if not cfg.program:
+            cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
+    except BaseException:
+        if early is not None:
+            early.abandon()
+        raise
     first = True
     console_in = stdin_fd() if cfg.console == "stdio" else None
     stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
@@ -175,7 +188,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     while not stopped:
         try:
-            machine = Machine(cfg, kvm=kvm, console_in=console_in)
+            machine, early = Machine(cfg, kvm=kvm, console_in=console_in, early=early), None
         except (KernelImageError, ImageError, TapError, FirmwareError, PortError) as e:
             raise UsageError(str(e)) from None
         except OSError as e:
@@ -191,21 +204,33 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
                 print(f"pyvmm: note: {note}", file=sys.stderr)
             lock_down(cfg.seccomp)  # set-up done, the vCPUs not yet started; a restart's VM is made under it
             first = False
+        if stopped:  # a stop signal while the VM was being made (run() takes them from here on)
+            machine.close()
+            break
         try:
             status = machine.run()
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
         finally:
             machine.close()
+            stopped += machine.signals  # one that came as the guest reset itself ends the loop all the same
         if cfg.stats:
             profiles.append(machine.exit_stats)
             report_exit_stats(cfg, profiles, main_start_wall)
-        if reset and cfg.on_reboot == "restart":
+        if reset and cfg.on_reboot == "restart" and not stopped:
             print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
         if message and (status != 0 or args.verbose or reset):  # a poweroff ends quietly
             print(f"\npyvmm: {message}", file=sys.stderr)
         return status
     return EXIT_OK
+
+
+def start_early(cfg):
+    """For a direct Linux boot, guest RAM with the kernel and initrd on their way in (vmm/early.py);
+    KernelImageError where they cannot be loaded."""
+    from .early import start_linux, wants_early_linux
+
+    return start_linux(cfg) if wants_early_linux(cfg) else None
 
 
 def lock_down(mode: str) -> None:

@@ -16,7 +16,7 @@ from kernel import cpuid as cpuid_mod
 from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
 from kernel.loads import BackgroundLoads
 from kernel.x86 import BOOT_MSRS, lapic_for_boot
-from .boot import BootPlan, acpi_config, boot_firmware, boot_linux, boot_program
+from .boot import BootPlan, acpi_config, boot_firmware, boot_program, finish_linux
 from .bus import Bus
 from .config import DEFAULT_BOOT_ORDER, ConfigError, VmConfig, boot_slots
 from .console import OutputSink, TerminalInput
@@ -24,11 +24,7 @@ from .devices.cmos import BASE_PORT as CMOS_BASE, PORT_RANGE_SIZE as CMOS_SIZE, 
 from .devices.acpi_pm import RESET_PORT, SLEEP_CONTROL_PORT, AcpiSleepDevice
 from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZE, I8042
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
-from .firmware.debugcon import DEBUGCON_PORT, DebugConsole, debug_sink
-from .firmware.fw_cfg import bootorder_paths, firmware_e820, setup_fw_cfg
-from .firmware.image import (DEFAULT_NET_ROM, FIRMWARE_PCI_LAYOUT, FirmwareError, FirmwareMapping, load_firmware,
-                             load_rom)
-from .firmware.iret import ProtectedModeIret
+from .early import EarlyLinux, start_linux, wants_early_linux
 from .kvm import Kvm
 from .kvm import structs as s
 from .irq import IrqRouter
@@ -46,11 +42,30 @@ log = logging.getLogger(__name__)
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 
 class Machine:
-    def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
+    def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None,
+                 early: EarlyLinux | None = None):
+        """`early`: guest RAM with this configuration's kernel on its way in (vmm/early.py), which the
+        Machine takes over; for a direct Linux boot without one, the Machine starts it first thing."""
+        if early is None and wants_early_linux(config):
+            early = start_linux(config)
+        try:
+            self._assemble(config, kvm, console_out, console_in, early)
+        except BaseException:
+            if early is not None:
+                early.abandon()
+            raise
+
+    def _assemble(self, config: VmConfig, kvm: Kvm | None, console_out, console_in: int | None,
+                  early: EarlyLinux | None) -> None:
         self.config = config
+        self._early = early
         self.lifecycle = Lifecycle()
         self.kvm = kvm or Kvm()
-        self.firmware = load_firmware(config.firmware or None) if config.firmware is not None else None
+        self.firmware = None
+        if config.firmware is not None:
+            from .firmware.image import load_firmware  # (vmm/firmware is loaded for a firmware boot alone)
+
+            self.firmware = load_firmware(config.firmware or None)
         self._firmware_mapping = None
         self._debugcon = self._debugcon_close = None
         self.vm = self.kvm.create_vm()
@@ -63,18 +78,24 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2(s.KVM_PIT_SPEAKER_DUMMY)
 
-        self.mem = GuestMemory(config.mem_size)
+        self.mem = early.mem if early is not None else GuestMemory(config.mem_size)
         for slot, region in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, self.mem.host_address(region))
-        self.pci_layout = FIRMWARE_PCI_LAYOUT if self.firmware is not None else DEFAULT_LAYOUT
+        if self.firmware is not None:
+            from .firmware.image import FIRMWARE_PCI_LAYOUT
+
+            self.pci_layout = FIRMWARE_PCI_LAYOUT
+        else:
+            self.pci_layout = early.pci_layout if early is not None else DEFAULT_LAYOUT
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         self.notes: list[str] = []  # things the user should know, printed once by the CLI
+        self.signals: list[int] = []  # the stop signals run() received, also those after the VM had ended
         clear = self._configure_cpuid()
         self._console_sink = console_out or self._make_sink(config.console)
         self._console_in = console_in
-        # A kernel starts loading now, into guest RAM in the background, while the devices are made;
+        # A kernel has been loading since the start, into guest RAM in the background (vmm/early.py);
         # firmware (fw_cfg describes the devices) and programs are loaded once the devices are there.
-        self._loads = BackgroundLoads()
+        self._loads = early.loads if early is not None else BackgroundLoads()
         extra = f" clearcpuid={','.join(clear)}" if clear else ""
         self.plan = self._boot(extra) if self.firmware is None and not config.program else None
         try:
@@ -87,7 +108,11 @@ class Machine:
             self.plan = self._boot(extra)
         self._configure_vcpus()
         # Firmware may need an instruction that an emulating KVM lacks completed for it.
-        fixup = ProtectedModeIret(self.mem) if self.firmware is not None else None
+        fixup = None
+        if self.firmware is not None:
+            from .firmware.iret import ProtectedModeIret
+
+            fixup = ProtectedModeIret(self.mem)
         self.exit_stats = None  # --stats: each vCPU's exit profile, read once the vCPU threads have ended
         if config.stats:
             from .exit_stats import VcpuExitStats  # loaded only then: a plain start stays lean
@@ -104,6 +129,7 @@ class Machine:
         devices of the configuration."""
         config = self.config
         if self.firmware is not None:
+            from .firmware.image import FirmwareMapping
             from .kvm import constants as kc
 
             self._firmware_mapping = FirmwareMapping(self.firmware)
@@ -243,6 +269,8 @@ class Machine:
                 "deflated": b.deflated, "reported": b.reported, "stats": b.stats()}
 
     def _net_rom(self, spec) -> bytes | None:
+        from .firmware.image import DEFAULT_NET_ROM, load_rom
+
         rom = getattr(spec, "rom", None)
         if rom == "off":
             return None
@@ -257,6 +285,7 @@ class Machine:
         FADT a firmware boot gets (kernel/acpi.py says why), and the debug console."""
         from .devices import acpi_pm1
         from .devices.fw_cfg import BASE_PORT as FW_CFG_BASE, PORT_RANGE_SIZE as FW_CFG_SIZE, FwCfg
+        from .firmware.debugcon import DEBUGCON_PORT, DebugConsole, debug_sink
 
         pm1 = acpi_pm1.Pm1Control(on_poweroff=self.lifecycle.power_off)
         self.pio.register(acpi_pm1.CONTROL_PORT, acpi_pm1.CONTROL_SIZE, pm1, "acpi-pm1")
@@ -270,6 +299,9 @@ class Machine:
             self.pio.register(DEBUGCON_PORT, 1, self._debugcon, "debugcon")
 
     def _boot_firmware(self) -> BootPlan:
+        from .firmware.fw_cfg import bootorder_paths, firmware_e820, setup_fw_cfg
+        from .firmware.image import FirmwareError
+
         c = self.config
         layout = self.pci.layout
         e820 = firmware_e820(self.mem.regions, layout.e820_reserved() + self.firmware.e820_reserved())
@@ -293,9 +325,8 @@ class Machine:
         if c.program:
             top = max(r.end for r in self.mem.regions)
             return boot_program(self.mem, program=c.program, cpus=c.cpus, map_size=max(top, 4 << 30))
-        return boot_linux(self.mem, kernel=c.kernel, initrd=c.initrd, cmdline=c.cmdline + extra_cmdline,
-                          cpus=c.cpus, entry=c.entry, pci=self.pci_layout.acpi_config(),
-                          reserved=self.pci_layout.e820_reserved(), loads=self._loads)
+        return finish_linux(self.mem, self._early.linux, cpus=c.cpus, pci=self.pci_layout.acpi_config(),
+                            cmdline=c.cmdline + extra_cmdline if extra_cmdline else None)
 
     def cpuid_mask(self) -> tuple[str, ...]:
         """The features hidden from the guest: as configured, else (automatic) what an emulating
@@ -367,6 +398,7 @@ class Machine:
         return self.lifecycle.exit_code or 0
 
     def _on_signal(self, signum, _frame) -> None:
+        self.signals.append(signum)  # (a guest reset may have ended the VM first: the caller must still stop)
         self.lifecycle.stop(0 if signum != signal.SIGHUP else 1, f"stopped by {signal.Signals(signum).name}")
 
     def _main_loop(self) -> None:

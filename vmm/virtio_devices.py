@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virtio.backends.raw import RawImage
-from virtio.blk import VirtioBlk
 from .config import BalloonSpec, DiskSpec, NetSpec, RngSpec, VsockSpec, default_mac
 from .memory import GuestMemory
 
 if TYPE_CHECKING:
+    from virtio.blk import VirtioBlk
     from virtio.console import VirtioConsole
     from virtio.net import VirtioNet
 
 
 def build_disk(mem: GuestMemory, spec: DiskSpec, *, default_queues: int = 1, queue_size: int = 256) -> VirtioBlk:
-    """A virtio-blk device on the image `spec` names (raises ImageError, ValueError)."""
+    """A virtio-blk device on the image `spec` names (raises ImageError, ValueError).  (Loaded here,
+    as every device: a VM without a disk never loads virtio-blk.)"""
+    from virtio.backends.raw import RawImage
+    from virtio.blk import VirtioBlk
+
     image = RawImage.open(spec.path, read_only=spec.read_only, cache=spec.cache)
     return _on_backend(image, lambda: VirtioBlk(mem, image, num_queues=spec.queues or default_queues,
                                                 queue_size=queue_size, serial=spec.serial,

@@ -16,12 +16,28 @@ def test_a_vm_without_a_nic_loads_neither_numpy_nor_io_uring():
     """numpy and io_uring come with virtio-net's batch paths (virtio/backends/tap_batch.py),
     loaded when a --net device is built; the rest of pyvmm does without them, and without the
     socket module (the tap's MTU socket) and calendar (the CMOS clock needs only datetime)."""
-    code = ("import sys, vmm.cli, vmm.config, vmm.machine, vmm.boot, vmm.virtio_devices, vmm.hostcheck\n"
-            "vmm.config.parse_net_spec('tap=tap0,queues=2,mtu=9000')\n"
-            "print(sorted(m for m in ('numpy', 'vmm.io_uring', 'virtio.net', 'virtio.batch', 'socket', 'calendar')\n"
-            "             if m in sys.modules))")
+    assert loaded_by("vmm.config.parse_net_spec('tap=tap0,queues=2,mtu=9000')",
+                     "numpy", "vmm.io_uring", "virtio.net", "virtio.batch", "socket", "calendar") == []
+
+
+def test_a_direct_boot_without_devices_loads_no_firmware_and_no_device_code():
+    """What only a firmware boot needs (vmm/firmware, fw_cfg's tables) and the modules of devices
+    the configuration does not have (their limits are loaded when an option names them) stay out
+    of a plain `pyvmm run`; so does the socket module, with the backends' errors apart (errors.py)."""
+    assert loaded_by("vmm.config.VmConfig()", "vmm.firmware.image", "vmm.firmware.fw_cfg",
+                     "kernel.fw_cfg_tables", "virtio.blk", "virtio.backends.raw", "virtio.backends.tap",
+                     "virtio.backends.port", "virtio.vsock_packet", "virtio.net_common", "socket") == []
+
+
+def loaded_by(statement: str, *modules: str) -> list[str]:
+    """Which of `modules` a fresh Python has loaded after importing what `pyvmm run` imports (its
+    start path: vmm/cli.py cmd_run) and running `statement`."""
+    code = ("import sys, vmm.cli, vmm.config, vmm.early, vmm.machine, vmm.boot, vmm.virtio_devices, vmm.hostcheck\n"
+            "import kernel.errors, virtio.backends.errors, vmm.console\n"
+            f"{statement}\n"
+            f"print(sorted(m for m in {modules!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return eval(out.stdout)  # a list of module names, printed by the child
 
 
 class Probe:

@@ -24,13 +24,11 @@ import stat
 import threading
 from typing import Callable, Protocol, Sequence
 
+from .errors import PortError
+
 log = logging.getLogger(__name__)
 
 MAX_CONSOLE_INPUT = 1 << 16  # typed input kept for a guest that reads none (the rest is dropped)
-
-
-class PortError(OSError):
-    """A port's host side cannot be set up (a socket path in use, a file that cannot be opened)."""
 
 
 class PortEvents(Protocol):

@@ -51,6 +51,8 @@ import struct
 import threading
 from typing import Callable, Sequence
 
+from .errors import ImageError
+
 log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
@@ -100,10 +102,6 @@ _statx = getattr(_libc, "statx", None)  # glibc 2.28+
 if _statx is not None:
     _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
     _statx.restype = ctypes.c_int
-
-
-class ImageError(Exception):
-    """The image cannot be used as asked (missing, not permitted, not a disk...): the user's to fix."""
 
 
 class ImageLockedError(ImageError):

@@ -56,9 +56,9 @@ import errno
 import logging
 import os
 from functools import partial
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from typing import TYPE_CHECKING
+from .errors import TapError
 
 if TYPE_CHECKING:  # (numpy and io_uring are loaded only when a device takes the batch path)
     from .tap_batch import NetBatchIO, TapBatchIO
@@ -130,10 +130,6 @@ class _IfReqMtu(ctypes.Structure):
 
 
 assert ctypes.sizeof(_IfReqMtu) == 40
-
-
-class TapError(Exception):
-    """The tap cannot be used as asked (no permission, in use, bad name...): the user's to fix."""
 
 
 def _ioctl_ptr(fd: int, request: int, arg) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtio.backends.raw import CACHE_MODES
-from virtio.blk import MAX_QUEUES, check_serial
 from .options import ConfigError, check_dict, parse_bool, parse_count, split_options
 
 DISK_SPEC_SYNTAX = "PATH[,readonly=on|off][,serial=ID][,cache=writeback|none][,queues=N]"
@@ -42,6 +40,9 @@ def disk_from_dict(d: dict) -> DiskSpec:
 
 
 def disk_from_values(path: str, values: dict, *, where: str) -> DiskSpec:
+    from virtio.backends.raw import CACHE_MODES  # (the device's own limits: loaded with the first disk)
+    from virtio.blk import MAX_QUEUES, check_serial
+
     read_only = parse_bool(values["readonly"], where, "readonly") if "readonly" in values else False
     serial = str(values.get("serial", ""))
     try:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtio.backends.tap import TapError, check_tap_name
-from virtio.net_common import ETH_ALEN, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
 from .options import ConfigError, check_dict, parse_count, split_options
 
 NET_SPEC_SYNTAX = "tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off]"
@@ -38,6 +36,8 @@ def format_mac(mac: bytes) -> str:
 
 def parse_mac(text: str) -> bytes:
     """`52:54:00:12:34:56` (or with '-') as 6 bytes; ConfigError unless a unicast, non-zero address."""
+    from virtio.net_common import ETH_ALEN  # (the device's own limits: loaded with the first NIC)
+
     parts = text.strip().replace("-", ":").split(":")
     try:
         if len(parts) != ETH_ALEN or not all(1 <= len(p) <= 2 for p in parts):
@@ -78,6 +78,9 @@ def net_from_dict(d: dict) -> NetSpec:
 
 
 def net_from_values(values: dict, *, where: str) -> NetSpec:
+    from virtio.backends.tap import TapError, check_tap_name  # (loaded with the first NIC)
+    from virtio.net_common import MAX_QUEUE_PAIRS
+
     try:
         check_tap_name(values["tap"])
     except TapError as err:
@@ -97,6 +100,8 @@ def net_from_values(values: dict, *, where: str) -> NetSpec:
 
 def parse_mtu(value, where: str) -> int:
     """mtu=N: a whole number from MIN_MTU (68, what IPv4 needs) to MAX_MTU (65535)."""
+    from virtio.net_common import MAX_MTU, MIN_MTU
+
     try:
         mtu = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 10)
     except ValueError:

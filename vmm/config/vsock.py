@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virtio.vsock_packet import MAX_GUEST_CID, MIN_GUEST_CID
 from .options import ConfigError, check_dict, split_options
 
 VSOCK_SPEC_SYNTAX = "cid=N,socket=PATH"
@@ -41,6 +40,8 @@ def vsock_from_dict(d: dict) -> VsockSpec:
 
 
 def vsock_from_values(values: dict, *, where: str) -> VsockSpec:
+    from virtio.vsock_packet import MAX_GUEST_CID, MIN_GUEST_CID  # (the device's limits, loaded with it)
+
     if "cid" not in values:
         raise ConfigError(f"{where}: no cid=N (expected {VSOCK_SPEC_SYNTAX})")
     cid = values["cid"]

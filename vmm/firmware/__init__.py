@@ -35,14 +35,26 @@ What the machine gives the firmware, as QEMU does for SeaBIOS:
 
 The vCPUs keep KVM's reset state: the boot vCPU runs from the reset vector in
 real mode, the others wait in the in-kernel local APIC for INIT/SIPI.
+
+The parts: image.py (the image, its mapping and shadow, option ROMs), fw_cfg.py (what fw_cfg
+carries), debugcon.py (port 0x402), iret.py (an instruction an emulating KVM leaves to us).  Each is
+loaded when first used (`vmm.firmware.NAME` too), so a direct boot loads none of them.
 """
 
-from .debugcon import DEBUGCON_PORT, DebugConsole, debug_sink
-from .fw_cfg import bootorder_paths, firmware_e820, setup_fw_cfg
-from .image import (DEFAULT_FIRMWARE, DEFAULT_NET_ROM, FIRMWARE_PCI_LAYOUT, FirmwareError, FirmwareImage,
-                    FirmwareMapping, copy_shadow, load_firmware, load_rom)
-from .iret import ProtectedModeIret
+from importlib import import_module
 
-__all__ = ["DEBUGCON_PORT", "DEFAULT_FIRMWARE", "DEFAULT_NET_ROM", "FIRMWARE_PCI_LAYOUT", "DebugConsole",
-           "FirmwareError", "FirmwareImage", "FirmwareMapping", "ProtectedModeIret", "bootorder_paths",
-           "copy_shadow", "debug_sink", "firmware_e820", "load_firmware", "load_rom", "setup_fw_cfg"]
+_MODULE_OF = {
+    "DEBUGCON_PORT": "debugcon", "DebugConsole": "debugcon", "debug_sink": "debugcon",
+    "bootorder_paths": "fw_cfg", "firmware_e820": "fw_cfg", "setup_fw_cfg": "fw_cfg",
+    "DEFAULT_FIRMWARE": "image", "DEFAULT_NET_ROM": "image", "FIRMWARE_PCI_LAYOUT": "image",
+    "FirmwareError": "image", "FirmwareImage": "image", "FirmwareMapping": "image", "copy_shadow": "image",
+    "load_firmware": "image", "load_rom": "image",
+    "ProtectedModeIret": "iret",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
