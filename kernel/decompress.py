@@ -9,10 +9,7 @@ is found from the magic numbers listed in boot.rst (payload_offset).
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import struct
-import zlib
 
 from .errors import KernelImageError
 
@@ -51,7 +48,10 @@ def detect_format(data: bytes) -> str | None:
     return None
 
 
+# (each decoder's module is loaded when a payload needs it: a boot from the kernel cache needs none)
 def _gzip(data: bytes) -> bytes:
+    import zlib
+
     d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)   # gzip wrapper, trailer checked
     out = d.decompress(data) + d.flush()
     if not d.eof:
@@ -60,6 +60,8 @@ def _gzip(data: bytes) -> bytes:
 
 
 def _bzip2(data: bytes) -> bytes:
+    import bz2
+
     d = bz2.BZ2Decompressor()
     out = d.decompress(data)
     if not d.eof:
@@ -67,10 +69,12 @@ def _bzip2(data: bytes) -> bytes:
     return out
 
 
-def _lzma(data: bytes, fmt: int, name: str) -> bytes:
+def _lzma(data: bytes, name: str) -> bytes:
     # FORMAT_XZ verifies the check (the kernel uses CRC32) and undoes BCJ filters
     # such as --x86; FORMAT_ALONE takes a size of -1 (end marker) or the real size.
-    d = lzma.LZMADecompressor(format=fmt)
+    import lzma
+
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE)
     out = d.decompress(data)
     if not d.eof:
         raise KernelImageError(f"{name} payload is truncated")
@@ -121,6 +125,9 @@ def _zstd(data: bytes) -> bytes:
 
 def _decoder_errors() -> tuple[type[BaseException], ...]:
     """The exceptions the decoders raise on corrupt input."""
+    import lzma
+    import zlib
+
     errors: list[type[BaseException]] = [zlib.error, lzma.LZMAError, OSError, EOFError]
     try:
         import lz4.block
@@ -145,8 +152,8 @@ def decompress(data: bytes) -> tuple[str, bytes]:
         "elf": bytes,
         "gzip": _gzip,
         "bzip2": _bzip2,
-        "lzma": lambda d: _lzma(d, lzma.FORMAT_ALONE, "lzma"),
-        "xz": lambda d: _lzma(d, lzma.FORMAT_XZ, "xz"),
+        "lzma": lambda d: _lzma(d, "lzma"),
+        "xz": lambda d: _lzma(d, "xz"),
         "lz4": _lz4_legacy,
         "zstd": _zstd,
     }

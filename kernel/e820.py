@@ -46,6 +46,8 @@ _PRECEDENCE = {
 
 @dataclass(frozen=True)
 class E820Entry:
+    """One range of the e820 memory map (struct boot_e820_entry)."""
+
     addr: int
     size: int
     type: int

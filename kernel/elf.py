@@ -46,6 +46,8 @@ XEN_NOTE_NAME = b"Xen"
 
 @dataclass(frozen=True)
 class ProgramHeader:
+    """One Elf64_Phdr."""
+
     p_type: int
     p_flags: int
     p_offset: int

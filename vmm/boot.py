@@ -33,6 +33,8 @@ PROGRAM_STACK_SIZE = 0x10000
 
 @dataclass
 class BootPlan:
+    """How the vCPUs start: their registers, and what was loaded."""
+
     states: list[LongModeState]  # one per vCPU that starts running; the rest wait for SIPI
     linux: LinuxBoot | None = None
     user_mode: bool = False

@@ -23,6 +23,8 @@ class BusConflict(ValueError):
 
 @dataclass(frozen=True)
 class Mapping:
+    """A device at [base, base + length) of a bus."""
+
     base: int
     length: int
     device: object

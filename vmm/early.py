@@ -27,6 +27,8 @@ from .pci.layout import DEFAULT_LAYOUT, PciLayout
 
 @dataclass
 class EarlyLinux:
+    """Guest RAM with a kernel on its way in, to be handed to a Machine."""
+
     mem: GuestMemory
     loads: BackgroundLoads   # waited for by whoever takes `mem` over, before the guest runs
     linux: LinuxBoot         # where everything goes; the command line may still be rewritten

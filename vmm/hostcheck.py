@@ -41,6 +41,8 @@ def probe_code(iterations: int) -> bytes:
 
 @dataclass
 class ModeTiming:
+    """The probe's loop time at CPL 0 and at CPL 3."""
+
     cpl0_ns: float  # per loop iteration
     cpl3_ns: float
 

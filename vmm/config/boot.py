@@ -12,6 +12,8 @@ BOOT_SYNTAX = "a comma-separated list of disk, net, diskN, netN (N counts --disk
 
 @dataclass(frozen=True)
 class BootItem:
+    """One entry of --boot: a kind of device, and which one."""
+
     kind: str  # "disk" or "net"
     index: int | None = None  # which --disk / --net (from 0); None: all of that kind, in order
 

@@ -32,6 +32,8 @@ OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "e
 
 @dataclass(frozen=True)
 class VmConfig:
+    """One VM as the options describe it, validated (vmm/config: the one place options are parsed)."""
+
     mem_size: int = DEFAULT_MEM
     cpus: int = 1
     kernel: str | None = None          # bzImage or vmlinux ELF (Linux boot)

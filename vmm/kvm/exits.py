@@ -16,6 +16,8 @@ class IoIn:
 
 @dataclass(slots=True)
 class IoOut:
+    """`out` to `port`: `data` holds every item written."""
+
     port: int
     size: int
     data: bytes  # size * count bytes (count > 1 for rep outs)
@@ -30,13 +32,15 @@ class MmioRead:
 
 @dataclass(slots=True)
 class MmioWrite:
+    """A store of `data` to `addr`."""
+
     addr: int
     data: bytes
 
 
 @dataclass(slots=True)
 class Hlt:
-    pass
+    """The vCPU executed HLT (KVM reports it only without an in-kernel irqchip)."""
 
 
 @dataclass(slots=True)
@@ -46,18 +50,24 @@ class Shutdown:
 
 @dataclass(slots=True)
 class SystemEvent:
+    """KVM reports a system event of the guest: shutdown, reset or crash (`type`)."""
+
     type: int  # KVM_SYSTEM_EVENT_SHUTDOWN / RESET / CRASH
     data: tuple
 
 
 @dataclass(slots=True)
 class InternalError:
+    """KVM could not go on with the guest (an instruction its emulator lacks...)."""
+
     suberror: int  # KVM_INTERNAL_ERROR_EMULATION = 1: the emulator met an instruction it lacks
     data: tuple
 
 
 @dataclass(slots=True)
 class FailEntry:
+    """The CPU refused to enter the guest (invalid state)."""
+
     reason: int
     cpu: int
 
@@ -69,5 +79,7 @@ class Interrupted:
 
 @dataclass(slots=True)
 class Unknown:
+    """An exit reason this layer does not decode."""
+
     reason: int
     detail: int = 0
