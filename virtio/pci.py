@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from vmm.pci.config import CAP_ID_VENDOR, BarKind, Capability, PciConfigSpace
 from vmm.pci.host import PciDevice
 from vmm.pci.msix import MsixCapability, pba_bytes, table_bytes
-from .device import CONFIG, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VirtioDevice
+from .device import (CONFIG, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
+                     VIRTIO_ID_VSOCK, VirtioDevice)
 from .queue import QueueError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ VIRTIO_PCI_SUBSYSTEM_ID = 0x1100
 
 PCI_CLASS_STORAGE_OTHER = 0x018000
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
+PCI_CLASS_COMMUNICATION_OTHER = 0x078000
 PCI_CLASS_OTHER = 0xFF0000
-CLASS_BY_DEVICE_ID = {VIRTIO_ID_BLOCK: PCI_CLASS_STORAGE_OTHER, VIRTIO_ID_NET: PCI_CLASS_NETWORK_ETHERNET}
+# What lspci shows; drivers bind by vendor and device ID alone (rng and the balloon stay "other", as in QEMU).
+CLASS_BY_DEVICE_ID = {VIRTIO_ID_BLOCK: PCI_CLASS_STORAGE_OTHER, VIRTIO_ID_NET: PCI_CLASS_NETWORK_ETHERNET,
+                      VIRTIO_ID_CONSOLE: PCI_CLASS_COMMUNICATION_OTHER, VIRTIO_ID_VSOCK: PCI_CLASS_COMMUNICATION_OTHER}
 
 # cfg_type of struct virtio_pci_cap (4.1.4)
 VIRTIO_PCI_CAP_COMMON_CFG = 1

@@ -106,6 +106,19 @@ def dev(mem, irq):
     d.close()
 
 
+@pytest.mark.parametrize("device_id, class_code", [(1, 0x020000), (2, 0x018000), (3, 0x078000), (4, 0xFF0000),
+                                                    (5, 0xFF0000), (19, 0x078000)])
+def test_the_class_code_says_what_the_device_is(mem, irq, device_id, class_code):
+    """net: Ethernet; blk: other mass storage; console and vsock: other communication; rng, balloon: other."""
+    kind = type("Kind", (FakeDevice,), {"device_id": device_id})
+    d = VirtioPciDevice(kind(mem), irq=irq, vm=FakeVm())
+    try:
+        assert d.config.read(8, 4) >> 8 == class_code
+        assert d.config.read(2, 2) == 0x1040 + device_id  # (modern device ID: 0x1040 + the virtio ID)
+    finally:
+        d.close()
+
+
 class Driver:
     """The driver's side: capabilities found by walking config space, then BAR accesses."""
 
