@@ -172,7 +172,7 @@ class BzImage:
     """A parsed bzImage: its header and the parts of the file a loader needs."""
 
     header: SetupHeader
-    data: bytes                     # the whole file
+    data: bytes | memoryview        # the whole file
 
     @property
     def setup_header_bytes(self) -> bytes:
@@ -214,8 +214,10 @@ def is_bzimage(data: bytes) -> bool:
 
 
 def parse_bzimage(data: bytes, *, require_64bit_entry: bool = False) -> BzImage:
-    """Parse and check a bzImage held in `data`; raise KernelImageError if it is unusable."""
-    data = bytes(data)
+    """Parse and check a bzImage held in `data`; raise KernelImageError if it is unusable.  A
+    memoryview is kept as it is (a mapped file is not read into memory)."""
+    if not isinstance(data, memoryview):
+        data = bytes(data)
     if len(data) < SETUP_HEADER_END:
         raise KernelImageError(
             f"kernel image is too short ({len(data)} bytes) to hold a setup header")

@@ -190,10 +190,15 @@ def _place_and_load(mem: GuestMemory, image: BzImage | None, kernel: bytes, init
     )
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str) -> bytes | memoryview:
+    """The file's bytes, mapped rather than read where it can be: a boot whose kernel is in the cache
+    looks at its setup header alone, and reading all of a 14 MiB bzImage cost ~7 ms of the start."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            try:
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            except (ValueError, OSError):  # empty, or not a file that can be mapped
+                return f.read()
     except OSError as e:
         raise KernelImageError(f"cannot read {what} {path}: {e.strerror}") from e
 
