@@ -85,8 +85,9 @@ def _wrong(flag: Flag, value, path: str, expected: str):
 
 
 def to_toml(options: dict) -> str:
-    """`options` (keyed as OPTIONS, values as the command line or load() gives them) as a config
-    file that load() reads back to the same dict; in OPTIONS' order, options not given left out."""
+    """`options` (keyed as OPTIONS, values as the command line or load() gives them, checked by
+    from_dict) as a config file that load() reads back to the same options (seconds given as text
+    become numbers); in OPTIONS' order, options not given left out."""
     lines = []
     for key, flag in FLAGS.items():
         value = options.get(key)
@@ -94,6 +95,9 @@ def to_toml(options: dict) -> str:
             continue
         if flag.kind == OPTIONAL and value == "":
             value = True
+        elif flag.kind == SECONDS and isinstance(value, str):  # the flag's text, checked by from_dict
+            value = float(value)
+            value = int(value) if value.is_integer() else value
         lines.append(f"{flag.file_key} = {_value(value)}")
     return "".join(line + "\n" for line in lines)
 
