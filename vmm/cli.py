@@ -143,7 +143,11 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         if cfg.stats:
             profiles.append(machine.exit_stats)
             report_exit_stats(cfg, profiles, main_start_wall)
+        if machine.stop_signal is not None:  # a stop signal that came as the guest reset still ends the loop
+            stopped.append(machine.stop_signal)
         if reset and cfg.on_reboot == "restart":
+            if stopped:
+                break
             print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
         if message and (status != 0 or args.verbose or reset or forced):  # a poweroff ends quietly

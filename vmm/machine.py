@@ -102,6 +102,7 @@ class Machine:
         self.graceful_stop = GracefulStop(config.shutdown_timeout, request=self.request_shutdown,
                                           stop=lambda message: self.lifecycle.stop(0, message))
         self._repoll_fd = -1  # while run() runs: wakes the main loop to look at graceful_stop's deadline
+        self.stop_signal: int | None = None  # the last stop signal run() took (also one that came as the guest reset)
 
     # -- assembly -------------------------------------------------------------------
     def _add_devices(self) -> None:
@@ -391,6 +392,7 @@ class Machine:
         return self.lifecycle.exit_code or 0
 
     def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
         if signum == signal.SIGTERM:  # --shutdown-timeout: the guest may be asked first
             self.graceful_stop.on_sigterm()
             os.eventfd_write(self._repoll_fd, 1)  # the main loop's epoll then takes the deadline
