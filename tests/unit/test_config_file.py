@@ -4,6 +4,8 @@ file, and a bad file is one line and exit 2."""
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from vmm import cli, config
@@ -96,8 +98,6 @@ def test_toml_strings_are_escaped():
     tricky = 'a "quoted" back\\slash\ttab\nnewline \x7f ü'
     text = to_toml({"name": tricky, "append": "", "cmdline": "x=1"})
     assert text.count("\n") == 3  # one line each, the newline escaped
-    import tomllib
-
     assert tomllib.loads(text) == {"cmdline": "x=1", "append": "", "name": tricky}
 
 

@@ -18,7 +18,7 @@ import math
 import re
 import tomllib
 
-from .flags import CHOICE, FLAGS, INT, LIST, OPTIONAL, SECONDS, TEXT, Flag
+from .flags import CHOICE, FLAGS, INT, LIST, OPTIONAL, SECONDS, Flag
 from .options import ConfigError
 
 _BY_FILE_KEY = {f.file_key: f for f in FLAGS.values()}
