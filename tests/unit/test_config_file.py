@@ -158,3 +158,11 @@ def test_a_flag_fixes_what_the_file_alone_gets_wrong(tmp_path):
     path.write_text('boot = "disk"\ndisk = ["/tmp/a.img"]\n')
     _, c = options_and_config("--config", str(path), "--firmware")
     assert c.firmware == "" and c.boot_order is not None
+
+
+def test_a_host_check_about_a_key_from_the_file_names_the_file(tmp_path, capsys):
+    path = tmp_path / "vm.toml"
+    path.write_text(f'kernel = "{tmp_path / "no-such-kernel"}"\n')
+    one_line_error(capsys, ["run", "--config", str(path)], f"{path}: ", "no-such-kernel")
+    one_line_error(capsys, ["run", "--config", str(path), "--kernel", str(tmp_path / "other")], "other")
+    assert str(path) not in capsys.readouterr().err

@@ -1,18 +1,21 @@
 """Tests of scripts/guestkit.py, the default guest kit builder.
 
-All but the last run without network, apt or a built kit. The last one boots
-the built kit under QEMU's software emulator and skips when either is missing.
+All but two run without network, apt or a built kit. Those two boot the built
+kit under QEMU's software emulator and skip when either is missing.
 """
 
 import base64
 import importlib.util
 import io
 import lzma
+import os
+import select
 import shutil
 import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -523,3 +526,40 @@ def test_init_reads_named_parameters(tmp_path):
         f'; printf "[%s]" "$(pyvmm_param nothing {cmdline})"'
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
     assert out == "[/dev/vdb][]"  # the last one wins, as the kernel does
+
+
+def test_kit_powers_off_on_the_acpi_power_button_under_qemu_microvm(tmp_path):
+    """QEMU's microvm (acpi=on) has the same kind of power button as pyvmm (a Generic Event Device
+    notifying PNP0C0C): its `system_powerdown` at the kit's shell reaches the kit's acpid, whose
+    handler powers the guest off.  (pyvmm's own button: tests/linux/test_stock_kernel_platform.py.)"""
+    kit = guestkit.kit_dir()
+    if not guestkit.is_up_to_date(kit):
+        pytest.skip(f"no built guest kit in {kit} (run scripts/guestkit.py build)")
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    proc = subprocess.Popen([  # -nographic: the serial port and QEMU's monitor share stdio (Ctrl-A c)
+        qemu, "-accel", "tcg", "-M", "microvm,acpi=on", "-m", "512", "-nographic", "-no-reboot",
+        "-kernel", str(kit / guestkit.VMLINUZ), "-initrd", str(kit / guestkit.INITRAMFS),
+        "-append", "console=ttyS0 quiet",
+    ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = b""
+    try:
+        deadline = time.monotonic() + 300  # ~5 s on an idle host; TCG on a busy one is far slower
+        while b"interactive shell" not in out and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+        assert b"interactive shell" in out, out.decode(errors="replace")[-3000:]
+        rest, _ = proc.communicate(b"\x01csystem_powerdown\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    console = (out + rest).decode(errors="replace").replace("\r", "")
+    assert proc.returncode == 0, console[-3000:]
+    after = console.split("PYVMM-READY", 1)[1]
+    assert "pyvmm: power button pressed: powering off" in after, console[-3000:]
+    assert "reboot: Power down" in after.split("power button pressed", 1)[1], console[-3000:]

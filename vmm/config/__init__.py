@@ -11,6 +11,7 @@ TOML config file (--config, --print-config)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
@@ -33,7 +34,9 @@ __all__ = ["DEFAULT_BOOT_ORDER", "OPTIONS", "BalloonSpec", "BootItem", "ConfigEr
 def from_args(args) -> VmConfig:
     """The checked VmConfig of `pyvmm run`'s options (an argparse namespace: attributes named as
     OPTIONS; those it lacks, or that are None, take their defaults; `config`: a TOML file under them)."""
-    return check_host(checked_options(args)[1])
+    options, config = checked_options(args)
+    with _naming_the_file(args, options):
+        return check_host(config)
 
 
 def checked_options(args) -> tuple[dict, VmConfig]:
@@ -42,15 +45,25 @@ def checked_options(args) -> tuple[dict, VmConfig]:
     error about a key the file gave names the file first."""
     from .file import load
 
-    flags = {k: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
     path = getattr(args, "config", None)
-    from_file = load(path) if path else {}
-    options = {**from_file, **flags}
-    try:
+    options = {**(load(path) if path else {}), **_flags(args)}
+    with _naming_the_file(args, options):
         return options, from_dict(options)
+
+
+def _flags(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
+
+
+@contextlib.contextmanager
+def _naming_the_file(args, options: dict):
+    """A ConfigError about an option (its message starts with the option's flag, or its name) that
+    the config file gave, not a flag, gets the file's name in front."""
+    try:
+        yield
     except ConfigError as e:
-        option = re.match(r"--([a-z-]+)", str(e))
+        option = re.match(r"(?:--)?([a-z][a-z-]*)", str(e))
         key = option.group(1).replace("-", "_") if option else None
-        if key in from_file and key not in flags:
-            raise ConfigError(f"{path}: {e}") from None
+        if key in options and key not in _flags(args):
+            raise ConfigError(f"{args.config}: {e}") from None
         raise
