@@ -483,14 +483,20 @@ BOOT_CHECK = ("uname -r; nproc; ls /dev/vd* || true; fio --version; iperf3 --ver
               "head -c 16 /dev/vda; echo")
 
 
-@pytest.mark.slow
-def test_kit_boots_under_qemu_tcg(tmp_path):
+def _built_kit_and_qemu() -> tuple[Path, str]:
+    """The built kit's directory and QEMU's path, or the test skips."""
     kit = guestkit.kit_dir()
     if not guestkit.is_up_to_date(kit):
         pytest.skip(f"no built guest kit in {kit} (run scripts/guestkit.py build)")
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return kit, qemu
+
+
+@pytest.mark.slow
+def test_kit_boots_under_qemu_tcg(tmp_path):
+    kit, qemu = _built_kit_and_qemu()
     manifest = guestkit.read_manifest(kit)
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"pyvmm-test-disk!".ljust(1 << 20, b"\0"))
@@ -528,16 +534,12 @@ def test_init_reads_named_parameters(tmp_path):
     assert out == "[/dev/vdb][]"  # the last one wins, as the kernel does
 
 
+@pytest.mark.slow
 def test_kit_powers_off_on_the_acpi_power_button_under_qemu_microvm(tmp_path):
     """QEMU's microvm (acpi=on) has the same kind of power button as pyvmm (a Generic Event Device
     notifying PNP0C0C): its `system_powerdown` at the kit's shell reaches the kit's acpid, whose
     handler powers the guest off.  (pyvmm's own button: tests/linux/test_stock_kernel_platform.py.)"""
-    kit = guestkit.kit_dir()
-    if not guestkit.is_up_to_date(kit):
-        pytest.skip(f"no built guest kit in {kit} (run scripts/guestkit.py build)")
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    kit, qemu = _built_kit_and_qemu()
     proc = subprocess.Popen([  # -nographic: the serial port and QEMU's monitor share stdio (Ctrl-A c)
         qemu, "-accel", "tcg", "-M", "microvm,acpi=on", "-m", "512", "-nographic", "-no-reboot",
         "-kernel", str(kit / guestkit.VMLINUZ), "-initrd", str(kit / guestkit.INITRAMFS),
