@@ -11,10 +11,12 @@ import lzma
 import os
 import select
 import shutil
+import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -535,19 +537,23 @@ def test_init_reads_named_parameters(tmp_path):
 
 
 @pytest.mark.slow
-def test_kit_powers_off_on_the_acpi_power_button_under_qemu_microvm(tmp_path):
-    """QEMU's microvm (acpi=on) has the same kind of power button as pyvmm (a Generic Event Device
-    notifying PNP0C0C): its `system_powerdown` at the kit's shell reaches the kit's acpid, whose
-    handler powers the guest off.  (pyvmm's own button: tests/linux/test_stock_kernel_platform.py.)"""
+def test_kit_powers_off_on_the_acpi_power_button_under_qemu(tmp_path):
+    """QEMU's `system_powerdown` at the kit's shell: the kernel's button driver reports KEY_POWER,
+    the kit's acpid runs its handler, which powers the guest off.  (q35's is the fixed-feature
+    button; microvm's GED, pyvmm's kind, boots unreliably under TCG on a busy host: with no HPET or
+    PM timer the kernel's TSC calibration against the PIT fails and it hangs.  pyvmm's own GED:
+    tests/linux/test_stock_kernel_platform.py.)"""
     kit, qemu = _built_kit_and_qemu()
-    proc = subprocess.Popen([  # -nographic: the serial port and QEMU's monitor share stdio (Ctrl-A c)
-        qemu, "-accel", "tcg", "-M", "microvm,acpi=on", "-m", "512", "-nographic", "-no-reboot",
+    monitor_dir = tempfile.mkdtemp(prefix="pyvmm-mon-", dir="/tmp")  # a socket path short enough for AF_UNIX
+    monitor = os.path.join(monitor_dir, "monitor")
+    proc = subprocess.Popen([
+        qemu, "-accel", "tcg", "-M", "q35", "-cpu", "max", "-m", "512", "-display", "none", "-no-reboot",
         "-kernel", str(kit / guestkit.VMLINUZ), "-initrd", str(kit / guestkit.INITRAMFS),
-        "-append", "console=ttyS0 quiet",
-    ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        "-append", "console=ttyS0 quiet", "-serial", "stdio", "-monitor", f"unix:{monitor},server,nowait",
+    ], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = b""
     try:
-        deadline = time.monotonic() + 300  # ~5 s on an idle host; TCG on a busy one is far slower
+        deadline = time.monotonic() + 300
         while b"interactive shell" not in out and time.monotonic() < deadline:
             if select.select([proc.stdout], [], [], 1)[0]:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -555,11 +561,15 @@ def test_kit_powers_off_on_the_acpi_power_button_under_qemu_microvm(tmp_path):
                     break
                 out += chunk
         assert b"interactive shell" in out, out.decode(errors="replace")[-3000:]
-        rest, _ = proc.communicate(b"\x01csystem_powerdown\n", timeout=60)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(monitor)
+            s.sendall(b"system_powerdown\n")
+            rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(monitor_dir, ignore_errors=True)
     console = (out + rest).decode(errors="replace").replace("\r", "")
     assert proc.returncode == 0, console[-3000:]
     after = console.split("PYVMM-READY", 1)[1]
