@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from kernel import aml
+from kernel.acpi_ged import GedConfig, ged_aml, power_button_aml
 
 # ----------------------------------------------------------------- constants
 
@@ -210,6 +211,7 @@ class AcpiConfig:
     reset_port: int = 0x602
     reset_value: int = 0x01
     pm1: Pm1Config | None = None  # a full FADT with PM1 blocks, SCI and FACS; else hardware-reduced
+    ged: GedConfig | None = None  # a power button through a Generic Event Device (kernel/acpi_ged.py)
     iapc_boot_arch: int = IAPC_VGA_NOT_PRESENT
     oem_id: bytes = b"PYVMM "
     oem_table_id: bytes = b"PYVMMACP"
@@ -448,7 +450,7 @@ def dsdt(config: AcpiConfig) -> Table:
 
 
 def dsdt_aml(config: AcpiConfig) -> bytes:
-    """\\_SB with PCI0 (+ MBRD reserving ECAM) and COMn devices, and \\_S5_."""
+    """\\_SB with PCI0 (+ MBRD reserving ECAM), COMn, RTC, GED and PWRB devices, and \\_S5_."""
     devices = []
     if config.pci is not None:
         devices.append(pci_root_aml(config.pci))
@@ -458,6 +460,8 @@ def dsdt_aml(config: AcpiConfig) -> bytes:
         devices.append(serial_aml(index + 1, io_base, irq))
     if config.cmos_rtc:
         devices.append(rtc_aml())
+    if config.ged is not None:
+        devices += [ged_aml(config.ged), power_button_aml()]
     s5 = aml.name("\\_S5_", aml.package(*(aml.integer(v) for v in (S5_SLP_TYP, S5_SLP_TYP, 0, 0))))
     return aml.scope("\\_SB_", *devices) + s5
 

@@ -10,9 +10,10 @@ beside the first, with Debian 12's 6.12 generic kernel and its own modules):
     System.map          the kernel's symbol table (when the package has one)
     kit.json            what went in, and the sha256 of every file above
 
-The guest's /init loads the virtio drivers, prints PYVMM-READY, then runs the
-shell command given base64-encoded as `pyvmm.cmd=` on the kernel command line
-(printing PYVMM-EXIT=<status> and powering off), or else an interactive shell.
+The guest's /init loads the virtio drivers, starts busybox acpid (the ACPI power button powers
+the guest off), prints PYVMM-READY, then runs the shell command given base64-encoded as
+`pyvmm.cmd=` on the kernel command line (printing PYVMM-EXIT=<status> and powering off), or else
+an interactive shell.
 
 Usage:
     python3 scripts/guestkit.py build [--kernel 6.1|6.12] [--force]   build a kit unless it is up to date
@@ -83,7 +84,8 @@ BUSYBOX_PACKAGE = "busybox-static"
 GUEST_TOOLS = {"fio": "fio", "iperf3": "iperf3", "mkfs.ext4": "e2fsprogs", "socat": "socat"}
 
 # The drivers the guest needs, as module names; their dependencies come first
-# in the load order whatever their place here.
+# in the load order whatever their place here.  Besides virtio: the ACPI power button
+# (`button`) and the input event devices busybox acpid reads it from (`evdev`).
 VIRTIO_MODULES = (
     "virtio",
     "virtio_ring",
@@ -100,12 +102,14 @@ VIRTIO_MODULES = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "button",
+    "evdev",
 )
 
 REQUIRED_APPLETS = (
     "sh", "mount", "insmod", "ip", "dd", "sha256sum", "cat", "echo", "poweroff", "switch_root", "env", "umount",
     "reboot", "sleep", "setsid", "cttyhack", "ls", "mkdir", "ln", "grep",
-    "ifconfig", "ping", "nproc", "free", "uname", "dmesg", "base64",
+    "ifconfig", "ping", "nproc", "free", "uname", "dmesg", "base64", "acpid", "sync",
 )
 
 # Where the modules go inside the initramfs, and the file giving their order.
@@ -235,6 +239,16 @@ pyvmm_virtio_ports() {
     done
 }
 
+# Start busybox acpid on the input event devices: on the ACPI power button (KEY_POWER from the
+# button driver) it runs /etc/acpi/PWRF/00000080, which powers the guest off.
+pyvmm_acpid() {
+    if [ ! -e /dev/input/event0 ]; then
+        echo "pyvmm: no input event device: the power button will not be heard"
+        return 0
+    fi
+    acpid -c /etc/acpi -l /dev/null
+}
+
 # Power off once the console has sent everything: closing the last descriptor
 # of the console tty waits for its output to drain.
 pyvmm_power_off() {
@@ -260,6 +274,7 @@ fi
 pyvmm_load_modules /lib/modules/pyvmm/modules.load
 pyvmm_switch_root /proc/cmdline
 pyvmm_virtio_ports
+pyvmm_acpid
 echo PYVMM-READY
 
 if ! pyvmm_run_cmd /proc/cmdline; then
@@ -276,6 +291,18 @@ INIT_SCRIPT = (
     + INIT_FUNCTIONS
     + INIT_MAIN
 )
+
+# What busybox acpid runs when the power button is pressed (its event PWRF/00000080): say so on
+# the console, write everything out, remount the disks read-only and power off.
+POWER_BUTTON_SCRIPT = r"""#!/bin/sh
+echo "pyvmm: power button pressed: powering off" > /dev/console
+sync
+while read -r dev mnt _; do
+    case "$dev" in /dev/*) mount -o remount,ro "$mnt" 2>/dev/null ;; esac
+done < /proc/mounts
+poweroff -f
+"""
+POWER_BUTTON_HANDLER = "etc/acpi/PWRF/00000080"
 
 GUEST_PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
 GUEST_GROUP = "root:x:0:\n"
@@ -757,6 +784,7 @@ def build_initramfs(busybox: Path, modules: Sequence[tuple[str, bytes]],
     tree.add(regular_file("init", INIT_SCRIPT.encode(), 0o755))
     tree.add(regular_file("etc/passwd", GUEST_PASSWD.encode()))
     tree.add(regular_file("etc/group", GUEST_GROUP.encode()))
+    tree.add(regular_file(POWER_BUTTON_HANDLER, POWER_BUTTON_SCRIPT.encode(), 0o755))
 
     tree.add(regular_file("bin/busybox", busybox.read_bytes(), 0o755))
     for applet in busybox_applets(busybox):
@@ -803,6 +831,7 @@ def recipe_digest(choice: KitKernel = DEFAULT_KERNEL) -> str:
         **({} if choice is DEFAULT_KERNEL else {"kernel": choice.package_re.pattern}),
         "format": FORMAT_VERSION,
         "init": INIT_SCRIPT,
+        "power_button": POWER_BUTTON_SCRIPT,
         "modules": VIRTIO_MODULES,
         "tools": GUEST_TOOLS,
         "applets": REQUIRED_APPLETS,

@@ -43,8 +43,10 @@ class BootPlan:
 
 def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConfig:
     """The tables' view of the machine: hardware-reduced for direct boot; with `pc_platform` (a
-    firmware boot) a full FADT with the PM1 blocks of vmm/devices/acpi_pm1.py."""
-    from .devices import acpi_pm, acpi_pm1
+    firmware boot) a full FADT with the PM1 blocks of vmm/devices/acpi_pm1.py.  Both have the
+    power button of vmm/devices/ged.py."""
+    from kernel.acpi_ged import GedConfig
+    from .devices import acpi_pm, acpi_pm1, ged
 
     pm1 = acpi.Pm1Config(acpi_pm1.EVENT_PORT, acpi_pm1.CONTROL_PORT) if pc_platform else None
     return acpi.AcpiConfig(
@@ -57,6 +59,7 @@ def acpi_config(cpus: int, pci=None, pc_platform: bool = False) -> acpi.AcpiConf
         sleep_status_port=acpi_pm.SLEEP_STATUS_PORT,
         reset_port=acpi_pm.RESET_PORT,
         reset_value=acpi_pm.RESET_VALUE,
+        ged=GedConfig(gsi=ged.GSI, selector_port=ged.SELECTOR_PORT, power_button_bit=ged.POWER_BUTTON),
     )
 
 

@@ -13,9 +13,8 @@ import signal
 import sys
 import time
 
-from . import config, kit
-from .config.console import CONSOLE_DEVICES
-from .config.vm import CONSOLE_SYNTAX, DEFAULT_CMDLINE, ENTRIES, ON_REBOOT
+from . import config
+from .config.flags import add_run_options
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -39,75 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or (--firmware) a PC BIOS that boots the --disk images or a NIC's option ROM. "
         "With no --kernel, boots the default guest kit (scripts/guestkit.py build). "
         "On the serial console, Ctrl-A x quits."))
-    run.add_argument("--kernel", help=f"bzImage or vmlinux ELF (default: {kit.kit_kernel()})")
-    run.add_argument("--initrd", help=f"initial ramdisk (default with the kit kernel: {kit.kit_initrd()})")
-    run.add_argument("--cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE})")
-    run.add_argument("--append", help="added to the end of --cmdline")
-    run.add_argument("--mem", help="guest RAM, e.g. 512M, 4G (default: 512M)")
-    run.add_argument("--cpus", type=int, help="number of vCPUs (default: 1)")
-    run.add_argument("--console", help=f"{CONSOLE_SYNTAX} (default: stdio)")
-    run.add_argument("--console-device", choices=CONSOLE_DEVICES, help=(
-        "the guest's console: the serial port ttyS0 (default), or virtio: hvc0, port 0 of a virtio-console "
-        "device (the default command line then says console=ttyS0 console=hvc0); --console says where it goes"))
-    run.add_argument("--port", action="append", metavar="SPEC", help=(
-        "a named virtio-console port: name=NAME,socket=PATH (pyvmm listens on the Unix socket PATH, one client "
-        "at a time) or name=NAME,file=PATH (the guest's output appended); the guest sees "
-        "/dev/virtio-ports/NAME (repeatable)"))
-    run.add_argument("--entry", choices=ENTRIES, help=(
-        "vmlinux: decompress the bzImage on the host and enter the kernel's 64-bit entry directly (default, faster); "
-        "bzimage: enter the bzImage's own 64-bit entry and let it decompress itself"))
-    run.add_argument("--cpuid-mask", metavar="FEATURES", help=(
-        "comma-separated CPU features hidden from the guest (e.g. cx16,xsave), 'none', or 'auto' (default): "
-        "hide what the host's KVM cannot run when it emulates guest kernel mode"))
-    run.add_argument("--on-reboot", choices=ON_REBOOT,
-                     help="when the guest reboots: end pyvmm with status 0 (default) or start it again")
-    run.add_argument("--disk", action="append", metavar="SPEC", help=(
-        "a virtio-blk disk: PATH[,readonly=on][,serial=ID][,cache=writeback|none][,queues=N] (repeatable; "
-        "a raw image file or block device, locked so no other VM can write it; queues default to one per vCPU)"))
-    run.add_argument("--net", action="append", metavar="SPEC", help=(
-        "a virtio-net NIC on a host tap device: tap=NAME[,mac=MAC][,queues=N][,mtu=N][,rom=PATH|off] (repeatable; the "
-        "tap is created if it does not exist, which needs CAP_NET_ADMIN; the default MAC is derived from --name "
-        "and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by default "
-        "with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"))
-    run.add_argument("--rng", nargs="?", const="", metavar="SPEC", help=(
-        "a virtio-rng device giving the guest entropy from the host's getrandom: [rate=BYTES/S] limits it "
-        "to that many bytes a second on average (e.g. rate=64K)"))
-    run.add_argument("--balloon", nargs="?", const="", metavar="SPEC", help=(
-        "a virtio-balloon device: [size=SIZE][,stats=SECONDS][,free-page-reporting=on][,deflate-on-oom=on]; "
-        "size: RAM the guest gives back at boot (0 by default; Machine.set_balloon_target changes it); stats: "
-        "ask for the guest's memory statistics every SECONDS; free-page-reporting: the guest's free memory "
-        "goes back to the host; deflate-on-oom: the guest may take ballooned memory back rather than run out"))
-    run.add_argument("--vsock", metavar="SPEC", help=(
-        "a virtio-vsock device: cid=N,socket=PATH (N >= 3: the guest's CID); host programs reach a guest "
-        "listener on port P by connecting to the Unix socket PATH and sending 'CONNECT P\\n' (answered "
-        "'OK <host port>\\n'), and the guest reaches a host program listening on PATH_P by connecting to "
-        "CID 2, port P (Firecracker's hybrid vsock)"))
-    run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
-    run.add_argument("--program", metavar="ELF", help=(
-        "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
-        "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
-
-    run.add_argument("--stats", nargs="?", const="", metavar="PATH", help=(
-        "profile the vCPUs' exits: at the end of each boot (one table per boot with --on-reboot restart), on "
-        "stderr, per vCPU: kind, where (device, port or address), count, time in pyvmm, and the time in KVM_RUN; "
-        "with =PATH also write them as JSON to PATH, with the wall times of the process's start and of each "
-        "vCPU's first KVM_RUN"))
-
-    run.add_argument("--seccomp", metavar="MODE", help=(
-        "the syscall filter installed once the VM is set up, which denies what a running VMM never needs "
-        "(execve, fork, ptrace, mount, kexec, module loading, bpf, network sockets...; vmm/seccomp/policy.py): "
-        "kill (default: a denied call ends pyvmm with SIGSYS), errno (it fails with EPERM), log (it is allowed "
-        "and the kernel logs it), off (no filter)"))
-
-    run.add_argument("--firmware", nargs="?", const="", metavar="PATH", help=(
-        "boot a PC BIOS image from the reset vector instead of a kernel: it boots the --disk images (or a NIC's "
-        "option ROM); PATH defaults to Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin (package seabios)"))
-    run.add_argument("--boot", metavar="ORDER", help=(
-        "with --firmware: the boot order, a comma-separated list of disk, net, diskN, netN (N counts the "
-        "--disk or --net options from 0; disk or net alone: all of them in order); default: disk,net"))
-    run.add_argument("--firmware-log", metavar="PATH", help=(
-        "with --firmware: append the firmware's debug output (SeaBIOS's port 0x402) to PATH; "
-        "with -v and no PATH it goes to stderr"))
+    add_run_options(run)
+    run.add_argument("--config", metavar="FILE", help=(
+        "read the options from a TOML file: each key an option's name without its dashes (cpus = 2, "
+        "cpuid-mask = \"none\", disk = [\"a.img\", \"b.img,readonly=on\"], rng = true); flags given too win "
+        "(a repeated flag replaces the file's array)"))
+    run.add_argument("--print-config", action="store_true", help=(
+        "print the options given (--config's file and the flags) as a config file and exit"))
 
     sub.add_parser("check", help="what this host's KVM supports, and whether guest kernel mode is native")
     return p
@@ -155,6 +92,12 @@ def cmd_check() -> int:
 def cmd_run(args, main_start_wall: float | None = None) -> int:
     from kernel.errors import KernelImageError
 
+    if args.print_config:
+        options, _ = config.checked_options(args)
+        from .config.file import to_toml
+
+        sys.stdout.write(to_toml(options))
+        return EXIT_OK
     cfg = config.from_args(args)
     # First the kernel starts moving into guest RAM, while the rest is imported and made (vmm/early.py);
     # a kernel or initrd that cannot be loaded is reported after the host's and the options' errors.
@@ -210,6 +153,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         try:
             status = machine.run()
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
+            forced = machine.graceful_stop.timed_out  # SIGTERM's graceful stop ran out of time
         finally:
             machine.close()
             stopped += machine.signals  # one that came as the guest reset itself ends the loop all the same
@@ -219,7 +163,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         if reset and cfg.on_reboot == "restart" and not stopped:
             print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
-        if message and (status != 0 or args.verbose or reset):  # a poweroff ends quietly
+        if message and (status != 0 or args.verbose or reset or forced):  # a poweroff ends quietly
             print(f"\npyvmm: {message}", file=sys.stderr)
         return status
     return EXIT_OK

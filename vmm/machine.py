@@ -22,6 +22,7 @@ from .config import DEFAULT_BOOT_ORDER, ConfigError, VmConfig, boot_slots
 from .console import OutputSink, TerminalInput
 from .devices.cmos import BASE_PORT as CMOS_BASE, PORT_RANGE_SIZE as CMOS_SIZE, CmosRtc
 from .devices.acpi_pm import RESET_PORT, SLEEP_CONTROL_PORT, AcpiSleepDevice
+from .devices import ged
 from .devices.i8042 import BASE_PORT as I8042_BASE, PORT_RANGE_SIZE as I8042_SIZE, I8042
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS, Serial16550
 from .early import EarlyLinux, start_linux, wants_early_linux
@@ -34,6 +35,7 @@ from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
+from .shutdown import GracefulStop
 from .vcpu import KICK_SIGNAL, VcpuThread
 from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng, build_vsock
 
@@ -122,6 +124,9 @@ class Machine:
                                    on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
                         for i, v in enumerate(self.vcpus)]
         self.lifecycle.on_stop(self._kick_all)
+        self.graceful_stop = GracefulStop(config.shutdown_timeout, request=self.request_shutdown,
+                                          stop=lambda message: self.lifecycle.stop(0, message))
+        self._repoll_fd = -1  # while run() runs: wakes the main loop to look at graceful_stop's deadline
 
     # -- assembly -------------------------------------------------------------------
     def _add_devices(self) -> None:
@@ -146,6 +151,8 @@ class Machine:
         self.pio.register(SLEEP_CONTROL_PORT, RESET_PORT - SLEEP_CONTROL_PORT + 1,
                           AcpiSleepDevice(on_poweroff=self.lifecycle.power_off, on_reset=self.lifecycle.reset),
                           "acpi-pm")
+        self.ged = ged.GenericEventDevice(set_irq=lambda level: self.vm.irq_line(ged.GSI, level))
+        self.pio.register(ged.SELECTOR_PORT, ged.SELECTOR_SIZE, self.ged, "ged")
 
         self.fw_cfg = None
         if self.firmware is not None:
@@ -268,6 +275,20 @@ class Machine:
         return {"target": b.num_pages * page, "actual": b.actual * page, "inflated": b.inflated,
                 "deflated": b.deflated, "reported": b.reported, "stats": b.stats()}
 
+    # -- a graceful stop (from any thread: the management API, SIGTERM) --
+    def request_shutdown(self) -> bool:
+        """Ask the guest to power off: press its ACPI power button (a Generic Event Device,
+        vmm/devices/ged.py; the kit's /init acts on it).  Returns whether the guest was asked: not
+        when it cannot hear it (a --program guest has no ACPI) or the VM is already stopping.  The
+        guest decides what to do; pyvmm ends when it powers off."""
+        if self.config.program or self.lifecycle.stopping:
+            return False
+        try:
+            self.ged.press_power_button()
+        except OSError:  # the VM was closed meanwhile
+            return False
+        return True
+
     def _net_rom(self, spec) -> bytes | None:
         from .firmware.image import DEFAULT_NET_ROM, load_rom
 
@@ -385,6 +406,7 @@ class Machine:
 
     def run(self) -> int:
         """Run until the guest powers off, resets, or we are told to stop; the exit status."""
+        self._repoll_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.start()
@@ -395,15 +417,22 @@ class Machine:
             self.lifecycle.stop(0)
             for t in self.threads:
                 t.join(timeout=5)
+            os.close(self._repoll_fd)
+            self._repoll_fd = -1
         return self.lifecycle.exit_code or 0
 
     def _on_signal(self, signum, _frame) -> None:
         self.signals.append(signum)  # (a guest reset may have ended the VM first: the caller must still stop)
+        if signum == signal.SIGTERM:  # --shutdown-timeout: the guest may be asked first
+            self.graceful_stop.on_sigterm()
+            os.eventfd_write(self._repoll_fd, 1)  # the main loop's epoll then takes the deadline
+            return
         self.lifecycle.stop(0 if signum != signal.SIGHUP else 1, f"stopped by {signal.Signals(signum).name}")
 
     def _main_loop(self) -> None:
         ep = select.epoll()
         ep.register(self.lifecycle.wake_fd, select.EPOLLIN)
+        ep.register(self._repoll_fd, select.EPOLLIN)
         term = None
         if self._console_in is not None:
             try:  # a regular file or /dev/null cannot be polled: then there is no console input
@@ -417,11 +446,15 @@ class Machine:
         try:
             with term if term is not None else contextlib.nullcontext():
                 while not self.lifecycle.stopping:
-                    for fd, _ in ep.poll():
-                        if term is not None and fd == self._console_in:
+                    timeout = self.graceful_stop.poll_timeout()
+                    for fd, _ in ep.poll(-1 if timeout is None else timeout):
+                        if fd == self._repoll_fd:
+                            os.eventfd_read(self._repoll_fd)
+                        elif term is not None and fd == self._console_in:
                             term.on_readable()
                             if term.eof:
                                 ep.unregister(fd)
+                    self.graceful_stop.check()
         finally:
             ep.close()
             if self._console_in is not None:

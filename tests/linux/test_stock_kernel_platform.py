@@ -1,5 +1,6 @@
-"""The platform as the stock kit kernel sees it: SIGTERM to pyvmm, the guest's `reboot -f` with each
---on-reboot (KVM's paravirtual hooks are checked in test_stock_kernel_native.py's boots).  Guest
+"""The platform as the stock kit kernel sees it: SIGTERM to pyvmm (at once, and with --shutdown-timeout
+through the ACPI power button), the guest's `reboot -f` with each --on-reboot (KVM's paravirtual hooks
+are checked in test_stock_kernel_native.py's boots).  Guest
 kernel mode must run natively (the `native` marker): directly on VT-x / AMD-V, inside the nested KVM
 elsewhere."""
 
@@ -45,19 +46,25 @@ def test_reboot_with_on_reboot_restart_boots_the_guest_again(tmp_path):
     assert disk.read_bytes()[:6] == b"SECOND"  # what the first boot wrote before its reboot
 
 
+def _until_ready(proc) -> bytes:
+    """The console up to the kit's ready line (its interactive shell follows)."""
+    out = b""
+    deadline = time.monotonic() + stock.BOOT_TIMEOUT
+    while b"PYVMM-READY" not in out and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+    assert b"PYVMM-READY" in out, out[-2000:]
+    return out
+
+
 def test_sigterm_stops_a_running_guest_cleanly():
     proc = subprocess.Popen(stock.pyvmm_argv(None), cwd=stock.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    out = b""
     try:
-        deadline = time.monotonic() + stock.BOOT_TIMEOUT
-        while b"PYVMM-READY" not in out and time.monotonic() < deadline:
-            if select.select([proc.stdout], [], [], 1)[0]:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                out += chunk
-        assert b"PYVMM-READY" in out, out[-2000:]
+        _until_ready(proc)
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -67,3 +74,35 @@ def test_sigterm_stops_a_running_guest_cleanly():
             proc.wait()
     assert proc.returncode == 0, err.decode(errors="replace")
     assert b"Traceback" not in err
+
+
+SHUTDOWN_TIMEOUT = 90  # far more than the guest needs (~1-3 s in the nested KVM): a hard stop is a failure
+
+
+def test_sigterm_with_a_shutdown_timeout_lets_the_guest_power_itself_off():
+    """SIGTERM presses the ACPI power button (a Generic Event Device notifying PNP0C0C): the stock
+    kernel's button driver reports KEY_POWER, the kit's busybox acpid runs its handler, which says so
+    on the console and powers off; pyvmm ends with the guest's power-off, well before the timeout."""
+    argv = stock.pyvmm_argv(None, cpus=2, args=["--shutdown-timeout", str(SHUTDOWN_TIMEOUT)])
+    proc = subprocess.Popen(argv, cwd=stock.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out = _until_ready(proc)
+        time.sleep(1)
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 30)
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    console = (out + rest).decode(errors="replace").replace("\r", "")
+    after = console.split("PYVMM-READY", 1)[1]
+    errors = err.decode(errors="replace")
+    assert proc.returncode == 0, errors + console[-3000:]
+    assert "did not power off" not in errors and "Traceback" not in errors, errors
+    assert "pyvmm: power button pressed: powering off" in after, console[-3000:]  # the kit's acpid handler
+    assert "reboot: Power down" in after.split("power button pressed", 1)[1], console[-3000:]  # the kernel's
+    assert took < SHUTDOWN_TIMEOUT, f"pyvmm ended {took:.0f} s after SIGTERM"
+    print(f"\npyvmm ended {took:.1f} s after SIGTERM, with the guest's power-off")

@@ -27,7 +27,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp",
-           "console_device", "port", "rng", "balloon", "vsock")
+           "console_device", "port", "rng", "balloon", "vsock", "shutdown_timeout")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class VmConfig:
     rng: RngSpec | None = None         # a virtio-rng device
     balloon: BalloonSpec | None = None  # a virtio-balloon device
     vsock: VsockSpec | None = None     # a virtio-vsock-pci device (vmm/config/vsock.py)
+    shutdown_timeout: float = 0.0      # SIGTERM: seconds the guest has to power off once asked (0: stop at once)
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -86,7 +87,7 @@ def from_dict(d: dict) -> VmConfig:
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
                   console_device=parse_console_device(d.get("console_device", "serial")),
                   ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)),
-                  vsock=_vsock(d.get("vsock")))
+                  vsock=_vsock(d.get("vsock")), shutdown_timeout=_seconds(d, "shutdown_timeout"))
     common.update(rng=_one(d, "rng", parse_rng_spec, rng_from_dict, RngSpec),
                   balloon=_one(d, "balloon", parse_balloon_spec, balloon_from_dict, BalloonSpec))
     check_balloon_size(common["balloon"], common["mem_size"])
@@ -119,6 +120,18 @@ def _vsock(value) -> VsockSpec | None:
         return parse_vsock_spec(value) if isinstance(value, str) else vsock_from_dict(value)
     except ConfigError as e:
         raise ConfigError(f"--vsock: {e}") from None
+
+
+def _seconds(d: dict, option: str) -> float:
+    """A duration in seconds, 0 or more: a number, or its decimal text (default 0)."""
+    value = d.get(option, 0)
+    try:
+        seconds = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"--{option.replace('_', '-')} {value!r}: give a number of seconds, 0 or more")
+    return seconds
 
 
 def _mem(value) -> int:
