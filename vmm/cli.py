@@ -199,7 +199,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         if cfg.stats:
             profiles.append(machine.exit_stats)
             report_exit_stats(cfg, profiles, main_start_wall)
-        if reset and cfg.on_reboot == "restart":
+        if reset and (cfg.on_reboot == "restart" or machine.lifecycle.restart):
             print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
             continue
         if message and (status != 0 or args.verbose or reset):  # a poweroff ends quietly

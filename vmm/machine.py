@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import os
 import select
 import signal
+import time
 
 from kernel import cpuid as cpuid_mod
 from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
@@ -38,12 +40,18 @@ from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
 from .memory import GuestMemory
+from .pause import PauseGate
 from .vcpu import KICK_SIGNAL, VcpuThread
 from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng, build_vsock
 
 log = logging.getLogger(__name__)
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+PAUSE_TIMEOUT = 5.0  # seconds for every vCPU to leave KVM_RUN on a pause
+
+
+class VmStateError(Exception):
+    """A request the VM's state does not allow now (pause a paused VM, resume a running one...)."""
 
 class Machine:
     def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
@@ -93,10 +101,17 @@ class Machine:
             from .exit_stats import VcpuExitStats  # loaded only then: a plain start stays lean
 
             self.exit_stats = [VcpuExitStats(v.id) for v in self.vcpus]
+        self.gate = PauseGate()
+        self._state_lock = threading.Lock()  # one pause or resume at a time
+        self._paused_clock: int | None = None  # kvm-clock when paused, given back on resume
+        self.started_at: float | None = None  # time.monotonic() of start()
+        self.paused_seconds = 0.0  # time spent paused, over the VM's life
+        self._paused_at: float | None = None
         self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle,
-                                   on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
+                                   gate=self.gate, on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
                         for i, v in enumerate(self.vcpus)]
         self.lifecycle.on_stop(self._kick_all)
+        self.lifecycle.on_stop(self.gate.wake)
 
     # -- assembly -------------------------------------------------------------------
     def _add_devices(self) -> None:
@@ -349,8 +364,64 @@ class Machine:
     def start(self) -> None:
         """Start the vCPU threads (must be called from the main thread)."""
         signal.signal(KICK_SIGNAL, lambda *_: None)
+        self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
+
+    # -- pause and resume (from any thread but a vCPU's) -------------------------------------
+    @property
+    def state(self) -> str:
+        """created (not started), running, paused or stopping."""
+        if self.lifecycle.stopping:
+            return "stopping"
+        if self.started_at is None:
+            return "created"
+        return "paused" if self.gate.closed else "running"
+
+    def uptime(self) -> float:
+        """Seconds since start() (0 before), paused time included."""
+        return 0.0 if self.started_at is None else time.monotonic() - self.started_at
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Stop every vCPU: each is kicked out of KVM_RUN and parks until resume(); kvm-clock is
+        read once they all stand still, so the guest's clock does not move while paused.
+        Raises VmStateError unless running."""
+        with self._state_lock:
+            state = self.state
+            if state != "running":
+                raise VmStateError(f"cannot pause a VM that is {state}")
+            self.gate.close()
+            self._kick_all()
+            if not self.gate.wait_parked(lambda: sum(t.is_alive() for t in self.threads), timeout):
+                self.gate.open()
+                raise VmStateError(f"the vCPUs did not stop within {timeout:g} s")
+            if self.lifecycle.stopping:
+                self.gate.open()
+                raise VmStateError("the VM stopped while being paused")
+            self._paused_clock = self.vm.get_clock()
+            self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """Let the vCPUs run again, kvm-clock going on from where the pause left it (and each
+        vCPU's guest told it was stopped: KVM_KVMCLOCK_CTRL).  Raises VmStateError unless paused."""
+        with self._state_lock:
+            state = self.state
+            if state != "paused":
+                raise VmStateError(f"cannot resume a VM that is {state}")
+            self.vm.set_clock(self._paused_clock)
+            for v in self.vcpus:
+                v.kvmclock_ctrl()
+            self.paused_seconds += time.monotonic() - self._paused_at
+            self._paused_at = None
+            self.gate.open()
+
+    def request_reboot(self) -> None:
+        """Reset the VM and boot it again, whatever --on-reboot says (the API's reboot)."""
+        self.lifecycle.reset(restart=True)
+
+    def kill(self, message: str = "stopped by the API") -> None:
+        """Stop the VM now, whatever the guest is doing (exit status 0, as a SIGTERM)."""
+        self.lifecycle.stop(0, message)
 
     def run(self) -> int:
         """Run until the guest powers off, resets, or we are told to stop; the exit status."""
