@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "listener on port P by connecting to the Unix socket PATH and sending 'CONNECT P\\n' (answered "
         "'OK <host port>\\n'), and the guest reaches a host program listening on PATH_P by connecting to "
         "CID 2, port P (Firecracker's hybrid vsock)"))
-    run.add_argument("--name", help="the VM's name (default MAC addresses derive from it)")
+    run.add_argument("--name", help="the VM's name (default MAC addresses and the API socket's name derive from it)")
+    run.add_argument("--api-socket", metavar="PATH", help=(
+        "the management API's Unix socket (HTTP/1.1 and JSON: curl --unix-socket PATH http://vm/vm): PATH, or off; "
+        "default: NAME.sock after --name (pyvmm-PID.sock without one) in the user's runtime directory, "
+        "$XDG_RUNTIME_DIR/pyvmm, where `pyvmm ls` finds it"))
     run.add_argument("--program", metavar="ELF", help=(
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"))
@@ -153,20 +157,53 @@ def cmd_check() -> int:
 
 
 def cmd_run(args, main_start_wall: float | None = None) -> int:
-    from kernel.errors import KernelImageError
-    from virtio.backends.port import PortError
-    from virtio.backends.raw import ImageError
-    from virtio.backends.tap import TapError
-    from .firmware.image import FirmwareError
-    from .console import stdin_fd
-    from .hostcheck import EMULATED_WARNING, kernel_mode_native
-    from .machine import Machine
+    from .hostcheck import kernel_mode_native
 
     cfg = config.from_args(args)
     kvm = open_kvm()
     config.check_cpus(cfg, kvm.max_vcpus())
     if not cfg.program:
         cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
+    current: list = [None]  # the Machine of this boot, for the API (None between boots)
+    api = start_api(cfg, lambda: current[0])
+    try:
+        return run_boots(args, cfg, kvm, current, main_start_wall)
+    finally:
+        if api is not None:
+            api.close()
+
+
+def start_api(cfg, current):
+    """The management API's server (vmm/api) on its socket, or None with --api-socket off."""
+    from .api.routes import Routes
+    from .api.server import ApiServer, ApiSocketBusy
+    from .config.api import DEFAULT_NAME, api_socket_path
+
+    path = api_socket_path(cfg.api_socket, cfg.name, os.getpid())
+    if path is None:
+        return None
+    name = cfg.name if cfg.name != DEFAULT_NAME else f"{DEFAULT_NAME}-{os.getpid()}"
+    try:
+        server = ApiServer(path, Routes(current, name=name, api_socket=path))
+    except ApiSocketBusy as e:
+        raise UsageError(f"--api-socket: {e}") from None
+    except OSError as e:
+        raise UsageError(f"--api-socket {path}: {e.strerror or e}") from None
+    server.start()
+    return server
+
+
+def run_boots(args, cfg, kvm, current: list, main_start_wall: float | None) -> int:
+    """Boot the VM (again after a reset with --on-reboot restart); its exit status."""
+    from kernel.errors import KernelImageError
+    from virtio.backends.port import PortError
+    from virtio.backends.raw import ImageError
+    from virtio.backends.tap import TapError
+    from .firmware.image import FirmwareError
+    from .console import stdin_fd
+    from .hostcheck import EMULATED_WARNING
+    from .machine import Machine
+
     first = True
     console_in = stdin_fd() if cfg.console == "stdio" else None
     stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
@@ -191,16 +228,19 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
                 print(f"pyvmm: note: {note}", file=sys.stderr)
             lock_down(cfg.seccomp)  # set-up done, the vCPUs not yet started; a restart's VM is made under it
             first = False
+        current[0] = machine
         try:
             status = machine.run()
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
         finally:
+            current[0] = None
             machine.close()
         if cfg.stats:
             profiles.append(machine.exit_stats)
             report_exit_stats(cfg, profiles, main_start_wall)
         if reset and (cfg.on_reboot == "restart" or machine.lifecycle.restart):
-            print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
+            why = "--on-reboot restart" if cfg.on_reboot == "restart" else "a reboot asked through the API"
+            print(f"\npyvmm: guest reset; booting it again ({why})", file=sys.stderr)
             continue
         if message and (status != 0 or args.verbose or reset):  # a poweroff ends quietly
             print(f"\npyvmm: {message}", file=sys.stderr)

@@ -252,10 +252,7 @@ class Machine:
         reported free so far, and the guest's last statistics (with `updates`, their times)."""
         if self.balloon is None:
             raise ValueError("this VM has no balloon (--balloon)")
-        b = self.balloon
-        page = 1 << 12
-        return {"target": b.num_pages * page, "actual": b.actual * page, "inflated": b.inflated,
-                "deflated": b.deflated, "reported": b.reported, "stats": b.stats()}
+        return {**self.balloon.counter_detail(), "stats": self.balloon.stats()}
 
     def _net_rom(self, spec) -> bytes | None:
         rom = getattr(spec, "rom", None)
