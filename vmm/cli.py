@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         "with -v and no PATH it goes to stderr"))
 
     sub.add_parser("check", help="what this host's KVM supports, and whether guest kernel mode is native")
+
+    ls = sub.add_parser("ls", help="the running VMs of this user: name, pid, state, vCPUs, memory, uptime")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    for verb, what in (("info", "a VM's state, uptime, configuration, vCPUs and devices"),
+                       ("pause", "stop a VM's vCPUs (and its clock) until resume"),
+                       ("resume", "let a paused VM run again"),
+                       ("stop", "ask the guest to power off (the ACPI power button)"),
+                       ("kill", "stop a VM now, whatever the guest is doing"),
+                       ("counters", "per virtio device requests, bytes, errors, notifications, interrupts; "
+                                    "per vCPU exits by kind")):
+        verb_parser = sub.add_parser(verb, help=what)
+        verb_parser.add_argument("name", metavar="NAME", help="the VM's --name (as `pyvmm ls` shows), or its API socket's path")
+        verb_parser.add_argument("--json", action="store_true", help="the API's answer as JSON")
     return p
 
 
@@ -127,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check()
         if args.command == "run":
             return cmd_run(args, main_start_wall)
+        if args.command in ("ls", "info", "pause", "resume", "stop", "kill", "counters"):
+            return cmd_verb(args)
         build_parser().print_help()
         return EXIT_USAGE
     except (UsageError, config.ConfigError) as e:
@@ -134,6 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def cmd_verb(args) -> int:
+    """`pyvmm ls` and the verbs on one VM, through its API socket."""
+    from .api import verbs
+
+    try:
+        if args.command == "ls":
+            print(verbs.ls(args.json))
+        else:
+            print(verbs.vm_verb(args.command, args.name, args.json))
+    except verbs.VerbError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return e.code
+    return EXIT_OK
 
 
 def open_kvm():

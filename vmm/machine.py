@@ -379,6 +379,11 @@ class Machine:
         """Seconds since start() (0 before), paused time included."""
         return 0.0 if self.started_at is None else time.monotonic() - self.started_at
 
+    def paused_time(self) -> float:
+        """Seconds spent paused over the VM's life, the pause now going on included."""
+        at = self._paused_at
+        return self.paused_seconds + (time.monotonic() - at if at is not None else 0.0)
+
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """Stop every vCPU: each is kicked out of KVM_RUN and parks until resume(); kvm-clock is
         read once they all stand still, so the guest's clock does not move while paused.

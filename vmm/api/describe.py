@@ -43,7 +43,7 @@ def vm_info(machine, *, name: str, api_socket: str | None) -> dict:
         "pid": os.getpid(),
         "state": machine.state,
         "uptime_s": round(machine.uptime(), 3),
-        "paused_s": round(machine.paused_seconds, 3),
+        "paused_s": round(machine.paused_time(), 3),
         "cpus": config.cpus,
         "memory": config.mem_size,
         "api_socket": api_socket,
