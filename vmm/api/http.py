@@ -161,7 +161,8 @@ def parse_headers(lines: list[bytes]) -> dict[str, str]:
         key = name.decode().lower()
         if key in headers and key in ("content-length", "host", "content-type", "transfer-encoding"):
             raise HttpError(400, f"header {key} given twice")
-        headers[key] = value.decode() if key not in headers else f"{headers[key]}, {value.decode()}"
+        # a header given again adds to its list (RFC 9110 5.3); empty values add nothing
+        headers[key] = ", ".join(v for v in (headers.get(key, ""), value.decode()) if v)
     return headers
 
 
