@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to that many bytes a second on average (e.g. rate=64K)"))
     run.add_argument("--balloon", nargs="?", const="", metavar="SPEC", help=(
         "a virtio-balloon device: [size=SIZE][,stats=SECONDS][,free-page-reporting=on][,deflate-on-oom=on]; "
-        "size: RAM the guest gives back at boot (0 by default; Machine.set_balloon_target changes it); stats: "
+        "size: RAM the guest gives back at boot (0 by default; the API's PUT /vm/balloon changes it); stats: "
         "ask for the guest's memory statistics every SECONDS; free-page-reporting: the guest's free memory "
         "goes back to the host; deflate-on-oom: the guest may take ballooned memory back rather than run out"))
     run.add_argument("--vsock", metavar="SPEC", help=(

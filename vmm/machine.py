@@ -239,7 +239,7 @@ class Machine:
             return self.console_device.ports[0].backend.feed
         return self.serial.feed
 
-    # -- the balloon while the VM runs (from any thread; the management API will expose these) --
+    # -- the balloon while the VM runs (from any thread: the management API, vmm/api/routes.py) --
     def set_balloon_target(self, size: int) -> None:
         """Ask the guest to give `size` bytes of its RAM back (0: all of it to the guest); raises
         ValueError without --balloon or for more than the guest's RAM."""
