@@ -2,6 +2,12 @@
 
     cfg = VmConfig(kernel="vmlinuz", initrd="initrd", cmdline="console=ttyS0", cpus=2)
     status = Machine(cfg).run()      # blocks until the guest powers off or the VM is stopped
+
+    with Machine(cfg) as vm:         # or: the VM runs while the caller goes on (the Python API)
+        vm.wait_for("PYVMM-READY", timeout=60)
+        status, output = vm.run("uname -r")
+        vm.pause(); vm.resume(); vm.counters()
+        vm.stop()
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .long_mode import set_long_mode
 from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
+from .guest_console import GuestConsole, VmError, VmStopped, VmTimeout
 from .memory import GuestMemory
 from .pause import PauseGate
 from .vcpu import KICK_SIGNAL, VcpuThread
@@ -79,6 +86,7 @@ class Machine:
         self.notes: list[str] = []  # things the user should know, printed once by the CLI
         clear = self._configure_cpuid()
         self._console_sink = console_out or self._make_sink(config.console)
+        self.console = GuestConsole(self._console_sink)  # what the guest wrote, for the Python API
         self._console_in = console_in
         # A kernel starts loading now, into guest RAM in the background, while the devices are made;
         # firmware (fw_cfg describes the devices) and programs are loaded once the devices are there.
@@ -112,6 +120,7 @@ class Machine:
                         for i, v in enumerate(self.vcpus)]
         self.lifecycle.on_stop(self._kick_all)
         self.lifecycle.on_stop(self.gate.wake)
+        self.console.connect_input(self._console_feed())
 
     # -- assembly -------------------------------------------------------------------
     def _add_devices(self) -> None:
@@ -127,7 +136,7 @@ class Machine:
 
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
-        self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
+        self.serial = Serial16550(output=self.console, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
         self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial, "serial")
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset), "i8042")
         low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
@@ -212,7 +221,7 @@ class Machine:
         serial port's input then goes nowhere), and the --port ports."""
         virtio_console = self.config.console_device == "virtio"
         return self._add_virtio(build_console(self.mem, self.config.ports,
-                                              self._console_sink if virtio_console else None))
+                                              self.console if virtio_console else None))
 
     def _add_vsock(self, spec):
         """The virtio-vsock-pci device of --vsock, listening at its socket from now on."""
@@ -359,8 +368,12 @@ class Machine:
             t.kick()
 
     def start(self) -> None:
-        """Start the vCPU threads (must be called from the main thread)."""
-        signal.signal(KICK_SIGNAL, lambda *_: None)
+        """Start the vCPU threads (the first time in a process: from the main thread, which alone
+        may install the kick signal's handler)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+        elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            raise RuntimeError("start the first VM of a process from its main thread (the vCPU kick signal)")
         self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
@@ -425,8 +438,12 @@ class Machine:
         """Stop the VM now, whatever the guest is doing (exit status 0, as a SIGTERM)."""
         self.lifecycle.stop(0, message)
 
-    def run(self) -> int:
-        """Run until the guest powers off, resets, or we are told to stop; the exit status."""
+    def run(self, command: str | None = None, *, timeout: float = 60.0):
+        """Without a command, what `pyvmm run` does: run the VM until the guest powers off, resets,
+        or we are told to stop (blocking; the exit status).  With one, inside `with Machine(...)
+        as vm:`, run it in the kit guest's shell: (exit status, output) (run_command)."""
+        if command is not None:
+            return self.run_command(command, timeout)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.start()
@@ -476,6 +493,74 @@ class Machine:
         self.disks, self.nets = [], []
         self.rng = self.balloon = None
         self.irq.close()
+
+    # -- the Python API: `with Machine(cfg) as vm:` ----------------------------------------------
+    def __enter__(self) -> "Machine":
+        """Start the VM and hand it back; it runs until stop(), kill() or the end of the block."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lifecycle.stop(0, "the with block ended")
+        for t in self.threads:
+            t.join(timeout=5)
+        self.close()
+
+    def _exit_code(self) -> int | None:
+        """The exit status once the VM is stopping, else None."""
+        return self.lifecycle.exit_code if self.lifecycle.stopping else None
+
+    def wait_for(self, text: str, timeout: float = 60.0, *, start: int = 0) -> int:
+        """Wait until the guest's console shows `text` (from console offset `start`); the offset
+        past it.  VmTimeout, or VmStopped if the VM stops first, with the console's tail."""
+        return self.console.wait_for(text, timeout, start=start, stopped=self._exit_code)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the VM to stop by itself (the guest powers off, crashes...); its exit status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.threads):
+            raise VmTimeout(f"the VM did not stop within {timeout:g} s", self.console.tail())
+        return self.lifecycle.exit_code or 0
+
+    def run_command(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        """Run `command` in the kit guest's shell (on its console) -> (exit status, its output)."""
+        marker = f"PYVMM-DONE-{os.urandom(4).hex()}"
+        start = self.console.offset
+        # the marker is split in the typed line, so only the shell's echo of it can match
+        self.console.write(f"{command}; echo {marker[:6]}''{marker[6:]}=$?\n")
+        end = self.wait_for(f"{marker}=", timeout, start=start)
+        rest = self.wait_for("\n", timeout, start=end)
+        status_text = self.console.between(end, rest).strip()
+        output = self.console.between(start, end - len(marker) - 1)
+        lines = output.replace("\r", "").split("\n")[1:]  # the shell's echo of the command line first
+        try:
+            status = int(status_text)
+        except ValueError:
+            raise VmError(f"{command!r}: no exit status after its output ({status_text!r})", self.console.tail()) from None
+        return status, "\n".join(lines).rstrip("\n")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Ask the guest to power off (the ACPI power button, where pyvmm has it) and wait; after
+        `timeout`, or without the button, stop it hard.  The exit status."""
+        request_shutdown = getattr(self, "request_shutdown", None)
+        if request_shutdown is not None and not self.lifecycle.stopping:
+            if self.state == "paused":
+                self.resume()
+            request_shutdown()
+            try:
+                return self.wait(timeout)
+            except VmTimeout:
+                pass
+        self.kill("stopped by the Python API")
+        return self.wait(10)
+
+    def counters(self) -> dict:
+        """GET /vm/counters' answer: per virtio device and per vCPU."""
+        from .api.describe import vm_counters
+
+        return vm_counters(self)
 
     def close(self) -> None:
         self._close_devices()
