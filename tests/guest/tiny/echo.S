@@ -6,11 +6,11 @@
     .text
 _start:
     lea prompt(%rip), %rsi
-1:  movzbl (%rsi), %ebx
-    test %ebx, %ebx
+1:  lodsb
+    test %al, %al
     jz loop
+    mov %al, %bl
     call putc
-    inc %rsi
     jmp 1b
 loop:
     mov $COM1_LSR, %dx
