@@ -527,14 +527,15 @@ class Machine:
     def run_command(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
         """Run `command` in the kit guest's shell (on its console) -> (exit status, its output)."""
         marker = f"PYVMM-DONE-{os.urandom(4).hex()}"
+        typed = f"echo {marker[:6]}''{marker[6:]}=$?"  # split: only the echo's output matches the marker
         start = self.console.offset
-        # the marker is split in the typed line, so only the shell's echo of it can match
-        self.console.write(f"{command}; echo {marker[:6]}''{marker[6:]}=$?\n")
-        end = self.wait_for(f"{marker}=", timeout, start=start)
+        self.console.write(f"{command}; {typed}\n")
+        echoed = self.wait_for(typed, timeout, start=start)  # the terminal's echo of the typed line
+        end = self.wait_for(f"{marker}=", timeout, start=echoed)
         rest = self.wait_for("\n", timeout, start=end)
         status_text = self.console.between(end, rest).strip()
-        output = self.console.between(start, end - len(marker) - 1)
-        lines = output.replace("\r", "").split("\n")[1:]  # the shell's echo of the command line first
+        output = self.console.between(echoed, end - len(marker) - 1).replace("\r", "")
+        lines = output.split("\n")[1:]  # (the rest of the echoed line)
         try:
             status = int(status_text)
         except ValueError:
