@@ -269,3 +269,28 @@ def test_malformed_requests_get_4xx_and_the_vm_goes_on(tiny, env):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
     assert not os.path.exists(sock)
+
+
+def test_reboot_through_the_api_boots_the_vm_again(tiny, env):
+    proc, sock = start_vm(env, tiny("busy"), "again")
+    try:
+        time.sleep(1.0)
+        first = api(sock, "GET", "/vm")
+        assert first["uptime_s"] >= 1.0
+        assert api(sock, "PUT", "/vm/reboot")["requested"] == "reboot"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                info = api(sock, "GET", "/vm")
+            except client.ApiError:  # 503 between the two boots
+                continue
+            if info["state"] == "running" and info["uptime_s"] < first["uptime_s"]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the VM was not booted again")
+        assert info["pid"] == proc.pid and proc.poll() is None  # the same pyvmm, a new boot
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert "booting it again (a reboot asked through the API)" in proc.stderr.read()
