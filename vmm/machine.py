@@ -530,12 +530,14 @@ class Machine:
         typed = f"echo {marker[:6]}''{marker[6:]}=$?"  # split: only the echo's output matches the marker
         start = self.console.offset
         self.console.write(f"{command}; {typed}\n")
-        echoed = self.wait_for(typed, timeout, start=start)  # the terminal's echo of the typed line
-        end = self.wait_for(f"{marker}=", timeout, start=echoed)
+        end = self.wait_for(f"{marker}=", timeout, start=start)
         rest = self.wait_for("\n", timeout, start=end)
         status_text = self.console.between(end, rest).strip()
-        output = self.console.between(echoed, end - len(marker) - 1).replace("\r", "")
-        lines = output.split("\n")[1:]  # (the rest of the echoed line)
+        # The output follows the last echo of the typed line (the terminal echoes it as it comes,
+        # a shell's line editor again once it reads it, after whatever the shell printed first).
+        shown = self.console.between(start, end - len(marker) - 1).replace("\r", "")
+        echo = shown.rfind(typed)
+        lines = shown[echo:].split("\n")[1:] if echo >= 0 else shown.split("\n")  # (no echo: all of it)
         try:
             status = int(status_text)
         except ValueError:
