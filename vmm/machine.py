@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import os
 import select
 import signal
+import threading
 import time
 
 from kernel import cpuid as cpuid_mod
@@ -42,10 +42,11 @@ from .kvm import structs as s
 from .irq import IrqRouter
 from .lifecycle import Lifecycle
 from .long_mode import set_long_mode
+from .machine_api import PythonApi
 from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
-from .guest_console import GuestConsole, VmError, VmStopped, VmTimeout
+from .guest_console import GuestConsole
 from .memory import GuestMemory
 from .pause import PauseGate
 from .vcpu import KICK_SIGNAL, VcpuThread
@@ -60,7 +61,7 @@ PAUSE_TIMEOUT = 5.0  # seconds for every vCPU to leave KVM_RUN on a pause
 class VmStateError(Exception):
     """A request the VM's state does not allow now (pause a paused VM, resume a running one...)."""
 
-class Machine:
+class Machine(PythonApi):
     def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None):
         self.config = config
         self.lifecycle = Lifecycle()
@@ -493,77 +494,6 @@ class Machine:
         self.disks, self.nets = [], []
         self.rng = self.balloon = None
         self.irq.close()
-
-    # -- the Python API: `with Machine(cfg) as vm:` ----------------------------------------------
-    def __enter__(self) -> "Machine":
-        """Start the VM and hand it back; it runs until stop(), kill() or the end of the block."""
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lifecycle.stop(0, "the with block ended")
-        for t in self.threads:
-            t.join(timeout=5)
-        self.close()
-
-    def _exit_code(self) -> int | None:
-        """The exit status once the VM is stopping, else None."""
-        return self.lifecycle.exit_code if self.lifecycle.stopping else None
-
-    def wait_for(self, text: str, timeout: float = 60.0, *, start: int = 0) -> int:
-        """Wait until the guest's console shows `text` (from console offset `start`); the offset
-        past it.  VmTimeout, or VmStopped if the VM stops first, with the console's tail."""
-        return self.console.wait_for(text, timeout, start=start, stopped=self._exit_code)
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the VM to stop by itself (the guest powers off, crashes...); its exit status."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self.threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self.threads):
-            raise VmTimeout(f"the VM did not stop within {timeout:g} s", self.console.tail())
-        return self.lifecycle.exit_code or 0
-
-    def run_command(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
-        """Run `command` in the kit guest's shell (on its console) -> (exit status, its output)."""
-        marker = f"PYVMM-DONE-{os.urandom(4).hex()}"
-        typed = f"echo {marker[:6]}''{marker[6:]}=$?"  # split: only the echo's output matches the marker
-        start = self.console.offset
-        self.console.write(f"{command}; {typed}\n")
-        end = self.wait_for(f"{marker}=", timeout, start=start)
-        rest = self.wait_for("\n", timeout, start=end)
-        status_text = self.console.between(end, rest).strip()
-        # The output follows the last echo of the typed line (the terminal echoes it as it comes,
-        # a shell's line editor again once it reads it, after whatever the shell printed first).
-        shown = self.console.between(start, end - len(marker) - 1).replace("\r", "")
-        echo = shown.rfind(typed)
-        lines = shown[echo:].split("\n")[1:] if echo >= 0 else shown.split("\n")  # (no echo: all of it)
-        try:
-            status = int(status_text)
-        except ValueError:
-            raise VmError(f"{command!r}: no exit status after its output ({status_text!r})", self.console.tail()) from None
-        return status, "\n".join(lines).rstrip("\n")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """Ask the guest to power off (the ACPI power button, where pyvmm has it) and wait; after
-        `timeout`, or without the button, stop it hard.  The exit status."""
-        request_shutdown = getattr(self, "request_shutdown", None)
-        if request_shutdown is not None and not self.lifecycle.stopping:
-            if self.state == "paused":
-                self.resume()
-            request_shutdown()
-            try:
-                return self.wait(timeout)
-            except VmTimeout:
-                pass
-        self.kill("stopped by the Python API")
-        return self.wait(10)
-
-    def counters(self) -> dict:
-        """GET /vm/counters' answer: per virtio device and per vCPU."""
-        from .api.describe import vm_counters
-
-        return vm_counters(self)
 
     def close(self) -> None:
         self._close_devices()

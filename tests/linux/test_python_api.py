@@ -35,5 +35,6 @@ def test_run_commands_and_pause_under_the_stock_kernel():
         # the guest's clock ran while its commands did, not during the pause
         assert guest1 - guest0 < host1 - host0 - PAUSE + 1.0, (guest0, guest1, host0, host1)
         assert guest1 > guest0
+        print(f"a {PAUSE:g} s pause: the host's clock moved {host1 - host0:.2f} s, the guest's {guest1 - guest0:.2f} s")
         assert vm.run("echo after the pause") == (0, "after the pause")
         assert vm.stop(timeout=10) == 0
