@@ -209,7 +209,15 @@ def start_api(cfg, current):
     from .api.server import ApiServer, ApiSocketBusy
     from .config.api import DEFAULT_NAME, api_socket_path
 
-    path = api_socket_path(cfg.api_socket, cfg.name, os.getpid())
+    try:
+        path = api_socket_path(cfg.api_socket, cfg.name, os.getpid())
+    except config.ConfigError as e:
+        if cfg.api_socket is not None:
+            raise
+        # the default place cannot serve (an unusable runtime directory, a --name no file can
+        # have): the VM runs all the same, without its API
+        print(f"pyvmm: note: running without the management API: {e}", file=sys.stderr)
+        return None
     if path is None:
         return None
     name = cfg.name if cfg.name != DEFAULT_NAME else f"{DEFAULT_NAME}-{os.getpid()}"

@@ -294,3 +294,15 @@ def test_reboot_through_the_api_boots_the_vm_again(tiny, env):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
     assert "booting it again (a reboot asked through the API)" in proc.stderr.read()
+
+
+def test_an_unusable_runtime_directory_leaves_the_vm_without_its_api(tiny, tmp_path):
+    base = tmp_path / "run"
+    (base / "pyvmm").mkdir(parents=True)
+    os.chmod(base / "pyvmm", 0o755)  # others may enter: not used
+    e = dict(os.environ, XDG_RUNTIME_DIR=str(base), PYTHONPATH=ROOT)
+    r = pyvmm(e, "run", "--program", tiny("hello"), "--console", "none")
+    assert r.returncode == 0, r.stderr
+    assert "running without the management API" in r.stderr and r.stderr.count("\n") == 1
+    r = pyvmm(e, "run", "--program", tiny("hello"), "--console", "none", "--api-socket", str(tmp_path / "no" / "s"))
+    assert r.returncode == 2 and "--api-socket" in r.stderr and r.stderr.count("\n") == 1
