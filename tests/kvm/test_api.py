@@ -134,8 +134,9 @@ def test_the_api_answers_while_the_guest_does_io(tmp_path):
     assert len(during) >= 5, f"only {len(during)} answers while the guest did I/O ({len(seen)} in all)"
     assert during == sorted(during)  # the count only grows
     blk = m.disks[0].counter_totals()
-    assert blk["requests"] >= REQUESTS and blk["bytes"] >= REQUESTS * 4096 and blk["errors"] == 0
-    assert blk["notifications"] > 0 and blk["interrupts"] >= 0
+    assert (blk["requests"], blk["bytes"], blk["errors"]) == (REQUESTS, REQUESTS * 4096, 0)
+    # one request in flight at a time: at most a kick and an interrupt each (20000 of each seen)
+    assert 0 < blk["notifications"] <= REQUESTS and 0 < blk["interrupts"] <= REQUESTS, blk
     print(f"API answers during I/O: {len(latencies)}, median {sorted(latencies)[len(latencies) // 2] * 1e3:.1f} ms, "
           f"max {max(latencies) * 1e3:.1f} ms")
 
