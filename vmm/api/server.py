@@ -184,6 +184,7 @@ class ApiServer:
         now = time.monotonic()
         if requests:
             client.last = now
+            client.begun = None  # a request that is still arriving began with this read
         client.begun = (client.begun or now) if client.reader.pending else None
 
     def _answer(self, request) -> tuple[int, dict]:
