@@ -142,7 +142,7 @@ class VirtioBalloon(VirtioDevice):
         self._stats_chain = None
         thread = self._thread = IoThread(self.name)
         for index, role in enumerate(self._roles):
-            thread.add_eventfd(self.queue_events[index], partial(self.process_queue, index))
+            self.watch_queue(thread, index, partial(self.process_queue, index))
         if STATSQ in self._roles:
             self._timer = thread.add_timer(self._on_stats_timer)
             self._timer.arm(self.stats_interval, self.stats_interval)
@@ -161,24 +161,31 @@ class VirtioBalloon(VirtioDevice):
             return
         role = self._roles[index]
         queue = self.queues[index]
+        counters = self.counters[index]
         try:
             for chain in queue.drain(partial(self._on_chain_error, queue)):
+                counters.requests += 1
+                counters.bytes += chain.readable_len
                 if role == STATSQ:
-                    self._hold_stats(index, chain)
+                    counters.errors += not self._hold_stats(index, chain)
                 else:
-                    self._serve(role, chain)
+                    counters.errors += not self._serve(role, chain)
                     queue.add_used(chain.head, 0)
             self.publish_and_notify(index)
         except QueueError as err:
             self.fail_queue(index, err)
 
-    def _serve(self, role: str, chain: DescriptorChain) -> None:
+    def _serve(self, role: str, chain: DescriptorChain) -> bool:
+        """Carry out one request; False if it failed."""
         try:
             self._handlers[role](chain)
         except BadRequest as err:
             self._guest_error("%s: %s request %d: %s", self.name, role, chain.head, err)
         except OSError as err:
             self._io_error("%s: cannot give guest RAM back to the host: %s", self.name, err)
+        else:
+            return True
+        return False
 
     def _inflate(self, chain: DescriptorChain) -> None:
         self.inflated += self.ram.discard(pfn_ranges(self.mem, read_pfns(self.mem, chain)))
@@ -190,20 +197,28 @@ class VirtioBalloon(VirtioDevice):
     def _report(self, chain: DescriptorChain) -> None:
         self.reported += self.ram.discard(reported_ranges(self.mem, chain))
 
-    def _hold_stats(self, index: int, chain: DescriptorChain) -> None:
+    def _hold_stats(self, index: int, chain: DescriptorChain) -> bool:
         """Keep the statistics buffer until the timer asks for the next; an older one held is
-        returned now (a driver keeps one at a time)."""
+        returned now (a driver keeps one at a time).  False if the statistics were unreadable."""
         try:
             stats = read_stats(self.mem, chain)
         except BadRequest as err:
             self._guest_error("%s: statsq request %d: %s", self.name, chain.head, err)
+            ok = False
         else:
             with self._lock:
                 self._stats = stats
                 self._stats_times.append(self._clock())
+            ok = True
         if self._stats_chain is not None:
             self.queues[index].add_used(self._stats_chain, 0)
         self._stats_chain = chain.head
+        return ok
+
+    def counter_detail(self) -> dict:
+        page = 1 << 12
+        return {"target": self.num_pages * page, "actual": self.actual * page, "inflated": self.inflated,
+                "deflated": self.deflated, "reported": self.reported}
 
     def _on_stats_timer(self) -> None:
         """Return the statistics buffer held: the driver answers with fresh statistics."""

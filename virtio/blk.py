@@ -36,6 +36,7 @@ from typing import Callable
 
 from vmm.memory import GuestMemory
 from .backends import BlockBackend
+from .counters import QueueCounters
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .ratelimit import RateLimitedLog
 from .queue import DescriptorChain, QueueError
@@ -231,9 +232,9 @@ class VirtioBlk(VirtioDevice):
 
     # -- threads -----------------------------------------------------------------------
     def activate(self) -> None:
-        for index, fd in enumerate(self.queue_events):
+        for index in range(len(self.queue_events)):
             thread = IoThread(f"{self.name}-q{index}")
-            thread.add_eventfd(fd, lambda index=index: self.process_queue(index))
+            self.watch_queue(thread, index, lambda index=index: self.process_queue(index))
             self._threads.append(thread)
             thread.start()
 
@@ -253,9 +254,10 @@ class VirtioBlk(VirtioDevice):
             return
         queue = self.queues[index]
         complete = self.complete_request
+        counters = self.counters[index]
         try:
             for chain in queue.drain(partial(self._on_chain_error, queue)):
-                queue.add_used(chain.head, complete(chain))
+                queue.add_used(chain.head, complete(chain, counters))
                 if chain.readable_len + chain.writable_len >= PUBLISH_EARLY_BYTES:
                     # a big request took a while: hand it back now, so the driver can refill the
                     # queue while we work on the rest of the batch (no bubble between batches)
@@ -264,20 +266,27 @@ class VirtioBlk(VirtioDevice):
         except QueueError as err:
             self.fail_queue(index, err)
 
-    def complete_request(self, chain: DescriptorChain) -> int:
-        """Execute one request, write its status byte; return the used length."""
+    def complete_request(self, chain: DescriptorChain, counters: QueueCounters | None = None) -> int:
+        """Execute one request, write its status byte; return the used length.  `counters` (the
+        queue's) count it: a request, its data bytes either way, or an error."""
+        counters = counters or QueueCounters()
+        counters.requests += 1
         writable = chain.writable
         if not writable:
             self._guest_error("%s: request %d has no device-writable status byte", self.name, chain.head)
+            counters.errors += 1
             return 0
         try:
             status, written = VIRTIO_BLK_S_OK, self._execute(chain)
+            counters.bytes += written + max(0, chain.readable_len - REQ_HEADER.size)
         except _BadRequest as err:
             self._guest_error("%s: request %d: %s", self.name, chain.head, err)
             status, written = err.status, 0
+            counters.errors += 1
         except OSError as err:
             self._io_error("%s: I/O error on %s: %s", self.name, getattr(self.backend, "path", "disk"), err)
             status, written = VIRTIO_BLK_S_IOERR, 0
+            counters.errors += 1
         mem = self.mem
         gpa, length = writable[-1]
         mem.buffer[mem.offset(gpa + length - 1, 1)] = status

@@ -143,11 +143,11 @@ class VirtioConsole(VirtioDevice):
 
     def _start_thread(self) -> None:
         thread = IoThread(self.name)
-        thread.add_eventfd(self.queue_events[CONTROL_RECEIVEQ], self.flush_control)
-        thread.add_eventfd(self.queue_events[CONTROL_TRANSMITQ], self.process_control)
+        self.watch_queue(thread, CONTROL_RECEIVEQ, self.flush_control)
+        self.watch_queue(thread, CONTROL_TRANSMITQ, self.process_control)
         for port in self._live_ports():
-            thread.add_eventfd(self.queue_events[receiveq(port.id)], lambda port=port: self.fill(port))
-            thread.add_eventfd(self.queue_events[receiveq(port.id) + 1], lambda port=port: self.drain(port))
+            self.watch_queue(thread, receiveq(port.id), lambda port=port: self.fill(port))
+            self.watch_queue(thread, receiveq(port.id) + 1, lambda port=port: self.drain(port))
             port.backend.attach(thread, _PortEvents(self, port))
         self._thread = thread
         thread.start()
@@ -177,6 +177,7 @@ class VirtioConsole(VirtioDevice):
             before = queue.next_used
             work()
             if queue.next_used != before:
+                self.counters[index].requests += (queue.next_used - before) & 0xFFFF
                 self.publish_and_notify(index)
         except QueueError as err:
             self.fail_queue(index, err)
@@ -189,9 +190,16 @@ class VirtioConsole(VirtioDevice):
             return
         starved = True
 
+        counters = self.counters[receiveq(port.id)]
+
+        def read_into(views) -> int:
+            n = backend.read_into(views)
+            counters.bytes += max(n, 0)
+            return n
+
         def work() -> None:
             nonlocal starved
-            starved = port.rx.fill(backend.read_into)[1]
+            starved = port.rx.fill(read_into)[1]
 
         self._serve(receiveq(port.id), work)
         backend.want_input(not starved and not self._queue_failed[receiveq(port.id)])
@@ -201,9 +209,16 @@ class VirtioConsole(VirtioDevice):
         backend = port.backend
         blocked = False
 
+        counters = self.counters[receiveq(port.id) + 1]
+
+        def write(views) -> int:
+            n = backend.write(views)
+            counters.bytes += max(n, 0)
+            return n
+
         def work() -> None:
             nonlocal blocked
-            blocked = port.tx.drain(backend.write)[1]
+            blocked = port.tx.drain(write)[1]
 
         self._serve(receiveq(port.id) + 1, work)
         backend.want_output(blocked)

@@ -22,6 +22,7 @@ import threading
 from typing import Callable
 
 from vmm.memory import GuestMemory
+from .counters import QueueCounters, totals
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, ChainError, Queue, QueueError
 from .ratelimit import RateLimitedLog
 
@@ -74,6 +75,8 @@ class VirtioDevice:
         self.active = False
         self._guest_error = RateLimitedLog(log)  # what a driver did wrong (a subclass may log elsewhere)
         self._queue_failed = [False] * num_queues  # queues not served until the reset (fail_queue)
+        self.counters = [QueueCounters() for _ in range(num_queues)]  # virtio/counters.py
+        self.config_interrupts = 0  # configuration-change notifications sent
 
     # -- what the transport calls -----------------------------------------------------
     def set_interrupt(self, fn: Callable[[int], None]) -> None:
@@ -151,6 +154,7 @@ class VirtioDevice:
         """The device cannot go on until the driver resets it (2.1.2)."""
         log.warning("%s: device needs reset: %s", self.name, reason)
         self._needs_reset = True
+        self.config_interrupts += 1
         self._interrupt(CONFIG)
 
     def has_feature(self, bit: int) -> bool:
@@ -174,11 +178,38 @@ class VirtioDevice:
         """Call after the device changed its config: new generation, and tell the driver."""
         self.config_generation = (self.config_generation + 1) & 0xFF
         if self._status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.config_interrupts += 1
             self._interrupt(CONFIG)
 
     # -- for subclasses ----------------------------------------------------------------------
     def signal_used(self, queue_index: int) -> None:
+        if 0 <= queue_index < len(self.counters):
+            self.counters[queue_index].interrupts += 1
         self._interrupt(queue_index)
+
+    def watch_queue(self, thread, index: int, handler: Callable[[], None]) -> None:
+        """Run handler() on I/O thread `thread` each time the driver notifies queue `index`,
+        counting the notifications (the eventfd's count: every kick since the last wake-up)."""
+        counters = self.counters[index]
+
+        def kicked(n: int) -> None:
+            counters.notifications += n
+
+        thread.add_eventfd(self.queue_events[index], handler, on_count=kicked)
+
+    def counter_totals(self) -> dict:
+        """requests, bytes, errors, notifications and interrupts over the queues (config-change
+        interrupts included), and the device's own figures (`detail`) where it has more."""
+        out = totals(self.counters)
+        out["interrupts"] += self.config_interrupts
+        detail = self.counter_detail()
+        if detail:
+            out["detail"] = detail
+        return out
+
+    def counter_detail(self) -> dict:
+        """A device's figures beyond the common five (virtio-net's, the balloon's...)."""
+        return {}
 
     def notify(self, queue_index: int) -> None:
         """The used-buffer notification of queue `queue_index`, if the driver wants one now

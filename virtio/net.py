@@ -86,7 +86,7 @@ import os
 import select
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from vmm.memory import GuestMemory
@@ -379,11 +379,11 @@ class VirtioNet(VirtioDevice):
             return
         for p in self._pairs:
             thread = IoThread(f"{self.name}-pair{p.index}")
-            thread.add_eventfd(self.queue_events[p.rx], partial(self.process_rx, p.index))
-            thread.add_eventfd(self.queue_events[p.tx], partial(self.process_tx, p.index))
+            self.watch_queue(thread, p.rx, partial(self.process_rx, p.index))
+            self.watch_queue(thread, p.tx, partial(self.process_tx, p.index))
             thread.add_fd(p.ep.fileno(), partial(self._tap_event, p.index))
             if p.index == 0 and self.ctrl_index is not None:
-                thread.add_eventfd(self.queue_events[self.ctrl_index], self.process_ctrl)
+                self.watch_queue(thread, self.ctrl_index, self.process_ctrl)
             self._threads.append(thread)
             thread.start()
 
@@ -414,6 +414,19 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         super().close()
         self.tap.close()
+
+    def counter_totals(self) -> dict:
+        """The common counters, requests, bytes and errors from the ring paths' NetStats (frames,
+        payload bytes, frames dropped or refused), which `detail` gives in full."""
+        out = super().counter_totals()
+        s = self.stats()
+        out["requests"] += s.rx_frames + s.tx_frames
+        out["bytes"] += s.rx_bytes + s.tx_bytes
+        out["errors"] += s.rx_truncated + s.rx_bad_chains + s.tx_dropped + s.tx_errors
+        return out
+
+    def counter_detail(self) -> dict:
+        return asdict(self.stats())
 
     def stats(self) -> NetStats:
         total = NetStats()

@@ -70,7 +70,7 @@ class VirtioRng(VirtioDevice):
     # -- threads ----------------------------------------------------------------------------
     def activate(self) -> None:
         self._thread = IoThread(self.name)
-        self._thread.add_eventfd(self.queue_events[REQUESTQ], self.process_queue)
+        self.watch_queue(self._thread, REQUESTQ, self.process_queue)
         if self.bucket is not None:
             self._timer = self._thread.add_timer(self.process_queue)
         self._thread.start()
@@ -96,7 +96,12 @@ class VirtioRng(VirtioDevice):
                     chains.close()
                     queue.undo_pop()  # it stays first in the ring until the bucket has enough
                     break
-                queue.add_used(chain.head, self.complete_request(chain))
+                used = self.complete_request(chain)
+                counters = self.counters[REQUESTQ]
+                counters.requests += 1
+                counters.bytes += used
+                counters.errors += not used
+                queue.add_used(chain.head, used)
             self.publish_and_notify(REQUESTQ)
         except QueueError as err:
             self.fail_queue(REQUESTQ, err)

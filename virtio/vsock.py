@@ -84,8 +84,8 @@ class VirtioVsock(VirtioDevice):
         self._activations += 1
         thread = IoThread(f"vsock-{self.guest_cid}")
         self.mux = VsockMuxer(self.backend, self.guest_cid, _ThreadWatcher(thread))
-        for fd in self.queue_events:  # a kick is consumed; service() then looks at every queue
-            thread.add_eventfd(fd, lambda: None)
+        for index in range(len(self.queue_events)):  # a kick is consumed; service() then looks at every queue
+            self.watch_queue(thread, index, lambda: None)
         thread.after_events = self.service  # once per wake-up, whatever woke it: one pass, one interrupt
         self.mux.start()
         self._thread = thread
@@ -124,16 +124,20 @@ class VirtioVsock(VirtioDevice):
         if not self._serve(TX):
             return False
         q = self.queues[TX]
+        counters = self.counters[TX]
         left = False
         try:
             for chain in q.drain(partial(self._on_chain_error, q)):
+                counters.requests += 1
                 try:
                     hdr, payload = parse_tx(chain.readable_views(), chain.readable_len, chain.writable_len)
                 except PacketError as err:
                     self._guest_error("%s: tx packet dropped: %s", self.name, err)
+                    counters.errors += 1
                     if err.hdr is not None:
                         self.mux.reset_for(err.hdr)
                 else:
+                    counters.bytes += hdr.len
                     self.mux.on_guest_packet(hdr, payload)
                 q.add_used(chain.head, 0)  # the payload has gone or been copied: the buffers are the driver's
                 if self.mux.congested():
@@ -150,6 +154,7 @@ class VirtioVsock(VirtioDevice):
         if not self._serve(RX) or not self.mux.has_rx():
             return
         q = self.queues[RX]
+        counters = self.counters[RX]
         try:
             while self.mux.has_rx():
                 popped = self._pop_checked(q)
@@ -159,12 +164,15 @@ class VirtioVsock(VirtioDevice):
                 if not writable or length < HDR_SIZE:
                     self._guest_error("%s: rx buffer %d: %d %s bytes, not room for a %d-byte header", self.name,
                                       head, length, "writable" if writable else "readable", HDR_SIZE)
+                    counters.errors += 1
                     q.add_used(head, 0)
                     continue
                 written = self.mux.next_rx(views, length)
                 if written is None:
                     q.undo_pop()
                     break
+                counters.requests += 1
+                counters.bytes += written - HDR_SIZE
                 q.add_used(head, written)
         except QueueError as err:
             self.fail_queue(RX, err)

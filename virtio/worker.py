@@ -30,14 +30,18 @@ class IoThread:
         self.revents = 0  # the epoll events of the fd whose handler runs now
         self.after_events: Callable[[], None] | None = None  # run once after each wake-up's handlers
 
-    def add_eventfd(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call handler() (on this thread) each time fd is signalled; the count is consumed first."""
+    def add_eventfd(self, fd: int, handler: Callable[[], None],
+                    on_count: Callable[[int], None] | None = None) -> None:
+        """Call handler() (on this thread) each time fd is signalled; the count is consumed first
+        (and given to on_count, if any)."""
 
         def on_event() -> None:
             try:
-                os.eventfd_read(fd)
+                n = os.eventfd_read(fd)
             except BlockingIOError:
                 return
+            if on_count is not None:
+                on_count(n)
             handler()
 
         self.add_fd(fd, on_event)

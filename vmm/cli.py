@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         "print the options given (--config's file and the flags) as a config file and exit"))
 
     sub.add_parser("check", help="what this host's KVM supports, and whether guest kernel mode is native")
+
+    ls = sub.add_parser("ls", help="the running VMs of this user: name, pid, state, vCPUs, memory, uptime")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    for verb, what in (("info", "a VM's state, uptime, configuration, vCPUs and devices"),
+                       ("pause", "stop a VM's vCPUs (and its clock) until resume"),
+                       ("resume", "let a paused VM run again"),
+                       ("stop", "ask the guest to power off (the ACPI power button)"),
+                       ("kill", "stop a VM now, whatever the guest is doing"),
+                       ("counters", "per virtio device requests, bytes, errors, notifications, interrupts; "
+                                    "per vCPU exits by kind")):
+        verb_parser = sub.add_parser(verb, help=what)
+        verb_parser.add_argument("name", metavar="NAME", help="the VM's --name (as `pyvmm ls` shows), or its API socket's path")
+        verb_parser.add_argument("--json", action="store_true", help="the API's answer as JSON")
     return p
 
 
@@ -60,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check()
         if args.command == "run":
             return cmd_run(args, main_start_wall)
+        if args.command in ("ls", "info", "pause", "resume", "stop", "kill", "counters"):
+            return cmd_verb(args)
         build_parser().print_help()
         return EXIT_USAGE
     except (UsageError, config.ConfigError) as e:
@@ -67,6 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def cmd_verb(args) -> int:
+    """`pyvmm ls` and the verbs on one VM, through its API socket."""
+    from .api import verbs
+
+    try:
+        if args.command == "ls":
+            print(verbs.ls(args.json))
+        else:
+            print(verbs.vm_verb(args.command, args.name, args.json))
+    except verbs.VerbError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return e.code
+    return EXIT_OK
 
 
 def open_kvm():
@@ -107,11 +137,7 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
     except KernelImageError as e:
         kernel_error = e
     try:
-        from virtio.backends.errors import ImageError, PortError, TapError
-        from .console import stdin_fd
-        from .firmware.image import FirmwareError
-        from .hostcheck import EMULATED_WARNING, kernel_mode_native
-        from .machine import Machine
+        from .hostcheck import kernel_mode_native
 
         kvm = open_kvm()
         config.check_cpus(cfg, kvm.max_vcpus())
@@ -119,10 +145,57 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
             raise UsageError(str(kernel_error))
         if not cfg.program:
             cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
+        current: list = [None]  # the Machine of this boot, for the API (None between boots)
+        api = start_api(cfg, lambda: current[0])
     except BaseException:
         if early is not None:
             early.abandon()
         raise
+    try:
+        return run_boots(args, cfg, kvm, current, main_start_wall, early)
+    finally:
+        if api is not None:
+            api.close()
+
+
+def start_api(cfg, current):
+    """The management API's server (vmm/api) on its socket, or None with --api-socket off."""
+    from .api.routes import Routes
+    from .api.server import ApiServer, ApiSocketBusy
+    from .config.api import DEFAULT_NAME, api_socket_path
+
+    try:
+        path = api_socket_path(cfg.api_socket, cfg.name, os.getpid())
+    except config.ConfigError as e:
+        if cfg.api_socket is not None:
+            raise
+        # the default place cannot serve (an unusable runtime directory, a --name no file can
+        # have): the VM runs all the same, without its API
+        print(f"pyvmm: note: running without the management API: {e}", file=sys.stderr)
+        return None
+    if path is None:
+        return None
+    name = cfg.name if cfg.name != DEFAULT_NAME else f"{DEFAULT_NAME}-{os.getpid()}"
+    try:
+        server = ApiServer(path, Routes(current, name=name, api_socket=path))
+    except ApiSocketBusy as e:
+        raise UsageError(f"--api-socket: {e}") from None
+    except OSError as e:
+        raise UsageError(f"--api-socket {path}: {e.strerror or e}") from None
+    server.start()
+    return server
+
+
+def run_boots(args, cfg, kvm, current: list, main_start_wall: float | None, early=None) -> int:
+    """Boot the VM (again after a reset with --on-reboot restart); its exit status.  `early`: the first
+    boot's guest RAM with its kernel on the way in (vmm/early.py), taken over by its Machine."""
+    from kernel.errors import KernelImageError
+    from virtio.backends.errors import ImageError, PortError, TapError
+    from .console import stdin_fd
+    from .firmware.image import FirmwareError
+    from .hostcheck import EMULATED_WARNING
+    from .machine import Machine
+
     first = True
     console_in = stdin_fd() if cfg.console == "stdio" else None
     stopped: list[int] = []  # a signal between two boots (--on-reboot restart) ends the loop
@@ -150,18 +223,21 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
         if stopped:  # a stop signal while the VM was being made (run() takes them from here on)
             machine.close()
             break
+        current[0] = machine
         try:
             status = machine.run()
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
             forced = machine.graceful_stop.timed_out  # SIGTERM's graceful stop ran out of time
         finally:
+            current[0] = None
             machine.close()
             stopped += machine.signals  # one that came as the guest reset itself ends the loop all the same
         if cfg.stats:
             profiles.append(machine.exit_stats)
             report_exit_stats(cfg, profiles, main_start_wall)
-        if reset and cfg.on_reboot == "restart" and not stopped:
-            print("\npyvmm: guest reset; booting it again (--on-reboot restart)", file=sys.stderr)
+        if reset and (cfg.on_reboot == "restart" or machine.lifecycle.restart) and not stopped:
+            why = "--on-reboot restart" if cfg.on_reboot == "restart" else "a reboot asked through the API"
+            print(f"\npyvmm: guest reset; booting it again ({why})", file=sys.stderr)
             continue
         if message and (status != 0 or args.verbose or reset or forced):  # a poweroff ends quietly
             print(f"\npyvmm: {message}", file=sys.stderr)

@@ -22,6 +22,7 @@ class Lifecycle:
         self.exit_code: int | None = None
         self.message: str | None = None
         self.reset_requested = False
+        self.restart = False  # a reset to boot again whatever --on-reboot says (a reboot asked from outside)
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._on_stop: list[Callable[[], None]] = []
 
@@ -44,11 +45,12 @@ class Lifecycle:
     def power_off(self) -> None:
         self.stop(0, "guest powered off")
 
-    def reset(self) -> None:
+    def reset(self, *, restart: bool = False) -> None:
         with self._lock:
             if self.stopping:
                 return
             self.reset_requested = True
+            self.restart = restart
         self.stop(0, "guest reset")
 
     def close(self) -> None:

@@ -2,6 +2,12 @@
 
     cfg = VmConfig(kernel="vmlinuz", initrd="initrd", cmdline="console=ttyS0", cpus=2)
     status = Machine(cfg).run()      # blocks until the guest powers off or the VM is stopped
+
+    with Machine(cfg) as vm:         # or: the VM runs while the caller goes on (the Python API)
+        vm.wait_for("PYVMM-READY", timeout=60)
+        status, output = vm.run("uname -r")
+        vm.pause(); vm.resume(); vm.counters()
+        vm.stop()
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import logging
 import os
 import select
 import signal
+import threading
+import time
 
 from kernel import cpuid as cpuid_mod
 from kernel.layout import IDENTITY_MAP_ADDR, VMX_TSS_ADDR
@@ -31,19 +39,27 @@ from .kvm import structs as s
 from .irq import IrqRouter
 from .lifecycle import Lifecycle
 from .long_mode import set_long_mode
+from .machine_api import PythonApi
 from .pci.config import DEVICE_ID, VENDOR_ID, patch_rom_ids
 from .pci.host import PciHost
 from .pci.layout import DEFAULT_LAYOUT
+from .guest_console import GuestConsole
 from .memory import GuestMemory
 from .shutdown import GracefulStop
+from .pause import PauseGate
 from .vcpu import KICK_SIGNAL, VcpuThread
 from .virtio_devices import build_balloon, build_console, build_disk, build_net, build_rng, build_vsock
 
 log = logging.getLogger(__name__)
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+PAUSE_TIMEOUT = 5.0  # seconds for every vCPU to leave KVM_RUN on a pause
 
-class Machine:
+
+class VmStateError(Exception):
+    """A request the VM's state does not allow now (pause a paused VM, resume a running one...)."""
+
+class Machine(PythonApi):
     def __init__(self, config: VmConfig, *, kvm: Kvm | None = None, console_out=None, console_in: int | None = None,
                  early: EarlyLinux | None = None):
         """`early`: guest RAM with this configuration's kernel on its way in (vmm/early.py), which the
@@ -94,6 +110,7 @@ class Machine:
         self.signals: list[int] = []  # the stop signals run() received, also those after the VM had ended
         clear = self._configure_cpuid()
         self._console_sink = console_out or self._make_sink(config.console)
+        self.console = GuestConsole(self._console_sink)  # what the guest wrote, for the Python API
         self._console_in = console_in
         # A kernel has been loading since the start, into guest RAM in the background (vmm/early.py);
         # firmware (fw_cfg describes the devices) and programs are loaded once the devices are there.
@@ -120,10 +137,18 @@ class Machine:
             from .exit_stats import VcpuExitStats  # loaded only then: a plain start stays lean
 
             self.exit_stats = [VcpuExitStats(v.id) for v in self.vcpus]
+        self.gate = PauseGate()
+        self._state_lock = threading.Lock()  # one pause or resume at a time
+        self._paused_clock: int | None = None  # kvm-clock when paused, given back on resume
+        self.started_at: float | None = None  # time.monotonic() of start()
+        self.paused_seconds = 0.0  # time spent paused, over the VM's life
+        self._paused_at: float | None = None
         self.threads = [VcpuThread(v, pio=self.pio, mmio=self.mmio, mem=self.mem, lifecycle=self.lifecycle,
-                                   on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
+                                   gate=self.gate, on_exit=fixup, stats=self.exit_stats[i] if self.exit_stats else None)
                         for i, v in enumerate(self.vcpus)]
         self.lifecycle.on_stop(self._kick_all)
+        self.lifecycle.on_stop(self.gate.wake)
+        self.console.connect_input(self._console_feed())
         self.graceful_stop = GracefulStop(config.shutdown_timeout, request=self.request_shutdown,
                                           stop=lambda message: self.lifecycle.stop(0, message))
         self._repoll_fd = -1  # while run() runs: wakes the main loop to look at graceful_stop's deadline
@@ -143,7 +168,7 @@ class Machine:
 
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
-        self.serial = Serial16550(output=self._console_sink, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
+        self.serial = Serial16550(output=self.console, set_irq=lambda level: self.vm.irq_line(COM1_IRQ, level))
         self.pio.register(COM1_PORT, SERIAL_PORTS, self.serial, "serial")
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(on_reset=self.lifecycle.reset), "i8042")
         low, high = self.mem.regions[0].size, sum(r.size for r in self.mem.regions[1:])
@@ -230,7 +255,7 @@ class Machine:
         serial port's input then goes nowhere), and the --port ports."""
         virtio_console = self.config.console_device == "virtio"
         return self._add_virtio(build_console(self.mem, self.config.ports,
-                                              self._console_sink if virtio_console else None))
+                                              self.console if virtio_console else None))
 
     def _add_vsock(self, spec):
         """The virtio-vsock-pci device of --vsock, listening at its socket from now on."""
@@ -257,7 +282,7 @@ class Machine:
             return self.console_device.ports[0].backend.feed
         return self.serial.feed
 
-    # -- the balloon while the VM runs (from any thread; the management API will expose these) --
+    # -- the balloon while the VM runs (from any thread: the management API, vmm/api/routes.py) --
     def set_balloon_target(self, size: int) -> None:
         """Ask the guest to give `size` bytes of its RAM back (0: all of it to the guest); raises
         ValueError without --balloon or for more than the guest's RAM."""
@@ -270,10 +295,7 @@ class Machine:
         reported free so far, and the guest's last statistics (with `updates`, their times)."""
         if self.balloon is None:
             raise ValueError("this VM has no balloon (--balloon)")
-        b = self.balloon
-        page = 1 << 12
-        return {"target": b.num_pages * page, "actual": b.actual * page, "inflated": b.inflated,
-                "deflated": b.deflated, "reported": b.reported, "stats": b.stats()}
+        return {**self.balloon.counter_detail(), "stats": self.balloon.stats()}
 
     # -- a graceful stop (from any thread: the management API, SIGTERM) --
     def request_shutdown(self) -> bool:
@@ -399,13 +421,82 @@ class Machine:
             t.kick()
 
     def start(self) -> None:
-        """Start the vCPU threads (must be called from the main thread)."""
-        signal.signal(KICK_SIGNAL, lambda *_: None)
+        """Start the vCPU threads (the first time in a process: from the main thread, which alone
+        may install the kick signal's handler)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+        elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            raise RuntimeError("start the first VM of a process from its main thread (the vCPU kick signal)")
+        self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
 
-    def run(self) -> int:
-        """Run until the guest powers off, resets, or we are told to stop; the exit status."""
+    # -- pause and resume (from any thread but a vCPU's) -------------------------------------
+    @property
+    def state(self) -> str:
+        """created (not started), running, paused or stopping."""
+        if self.lifecycle.stopping:
+            return "stopping"
+        if self.started_at is None:
+            return "created"
+        return "paused" if self.gate.closed else "running"
+
+    def uptime(self) -> float:
+        """Seconds since start() (0 before), paused time included."""
+        return 0.0 if self.started_at is None else time.monotonic() - self.started_at
+
+    def paused_time(self) -> float:
+        """Seconds spent paused over the VM's life, the pause now going on included."""
+        at = self._paused_at
+        return self.paused_seconds + (time.monotonic() - at if at is not None else 0.0)
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Stop every vCPU: each is kicked out of KVM_RUN and parks until resume(); kvm-clock is
+        read once they all stand still, so the guest's clock does not move while paused.
+        Raises VmStateError unless running."""
+        with self._state_lock:
+            state = self.state
+            if state != "running":
+                raise VmStateError(f"cannot pause a VM that is {state}")
+            self.gate.close()
+            self._kick_all()
+            if not self.gate.wait_parked(lambda: sum(t.is_alive() for t in self.threads), timeout):
+                self.gate.open()
+                raise VmStateError(f"the vCPUs did not stop within {timeout:g} s")
+            if self.lifecycle.stopping:
+                self.gate.open()
+                raise VmStateError("the VM stopped while being paused")
+            self._paused_clock = self.vm.get_clock()
+            self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """Let the vCPUs run again, kvm-clock going on from where the pause left it (and each
+        vCPU's guest told it was stopped: KVM_KVMCLOCK_CTRL).  Raises VmStateError unless paused."""
+        with self._state_lock:
+            state = self.state
+            if state != "paused":
+                raise VmStateError(f"cannot resume a VM that is {state}")
+            self.vm.set_clock(self._paused_clock)
+            for v in self.vcpus:
+                v.kvmclock_ctrl()
+            self.paused_seconds += time.monotonic() - self._paused_at
+            self._paused_at = None
+            self.gate.open()
+
+    def request_reboot(self) -> None:
+        """Reset the VM and boot it again, whatever --on-reboot says (the API's reboot)."""
+        self.lifecycle.reset(restart=True)
+
+    def kill(self, message: str = "stopped by the API") -> None:
+        """Stop the VM now, whatever the guest is doing (exit status 0, as a SIGTERM)."""
+        self.lifecycle.stop(0, message)
+
+    def run(self, command: str | None = None, *, timeout: float = 60.0):
+        """Without a command, what `pyvmm run` does: run the VM until the guest powers off, resets,
+        or we are told to stop (blocking; the exit status).  With one, inside `with Machine(...)
+        as vm:`, run it in the kit guest's shell: (exit status, output) (run_command)."""
+        if command is not None:
+            return self.run_command(command, timeout)
         self._repoll_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:

@@ -23,15 +23,17 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu, *, pio, mmio, mem, lifecycle, on_exit=None, stats=None):
+    def __init__(self, vcpu, *, pio, mmio, mem, lifecycle, gate=None, on_exit=None, stats=None):
         super().__init__(name=f"vcpu{vcpu.id}", daemon=True)
         self.vcpu = vcpu
         self.pio = pio
         self.mmio = mmio
         self.mem = mem
         self.lifecycle = lifecycle
+        self.gate = gate  # a vmm/pause.py PauseGate: parked there while the VM is paused
         self.on_exit = on_exit  # optional hook(vcpu_thread, exit) -> bool (handled), for tests and tools
         self.exits = 0
+        self.exit_counts: dict[type, int] = {}  # exits by kind (a vmm.kvm.exits class), for the API's counters
         self._timed_run = None  # --stats: a TimedRun in place of vcpu.run, recording each exit into `stats`
         if stats is not None:
             from .exit_stats import TimedRun
@@ -62,10 +64,16 @@ class VcpuThread(threading.Thread):
         vcpu, pio, mmio, lifecycle = self.vcpu, self.pio, self.mmio, self.lifecycle
         IoOut, IoIn, MmioRead, MmioWrite = exits.IoOut, exits.IoIn, exits.MmioRead, exits.MmioWrite
         run = vcpu.run if self._timed_run is None else self._timed_run
+        gate = self.gate
+        counts = self.exit_counts
         while not lifecycle.stopping:
+            if gate is not None and gate.closed:
+                gate.park(vcpu, lifecycle)
+                continue
             ex = run()
             self.exits += 1
             kind = type(ex)
+            counts[kind] = counts.get(kind, 0) + 1
             if self.on_exit is not None and self.on_exit(self, ex):
                 continue
             if kind is IoOut:

@@ -4,24 +4,22 @@ RAM: the blocks of the memfd, measured through /proc), deflate (the guest can al
 and it faults back in), free page reporting (256 MiB freed in the guest leaves the host within
 seconds), statistics at the set interval.  With the default seccomp filter on.
 
-The target is changed through the Python API (Machine.set_balloon_target) in the child process of
-tests/support/vmcontrol.py, pyvmm having no management channel yet; the guest's script and the test
-take turns through lines on the console."""
+The target is changed and the balloon read through `pyvmm run`'s management API (PUT and GET
+/vm/balloon on its --api-socket); the guest's script and the test take turns through lines on the
+console."""
 
 from __future__ import annotations
 
-import json
-import queue
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from tests.support import stock
-from tests.support.vmcontrol import REPLY, memfd_resident
+from tests.support.memfd import memfd_resident
+from vmm.api import client
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.native]
 MiB = 1 << 20
@@ -65,14 +63,15 @@ echo GUEST-DONE
 
 
 class ControlledVm:
-    """tests/support/vmcontrol.py running the kit: its console lines as they come, its replies."""
+    """`pyvmm run` of the kit with its API at `api_socket`: its console lines as they come."""
 
-    def __init__(self, argv: list[str]):
-        self.proc = subprocess.Popen(argv, cwd=stock.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    def __init__(self, argv: list[str], api_socket: str):
+        self.proc = subprocess.Popen([*argv, "--api-socket", api_socket], cwd=stock.ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                     bufsize=1)
+        self.api_socket = api_socket
         self.lines: list[str] = []
         self.stderr: list[str] = []
-        self.replies: queue.Queue = queue.Queue()
         self._changed = threading.Condition()
         self._readers = [threading.Thread(target=self._read_console, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
@@ -87,10 +86,7 @@ class ControlledVm:
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:
-            if line.startswith(REPLY):
-                self.replies.put(json.loads(line[len(REPLY):]))
-            else:
-                self.stderr.append(line)
+            self.stderr.append(line)
 
     def wait_line(self, marker: str, timeout: float = 300) -> str:
         deadline = time.monotonic() + timeout
@@ -111,12 +107,11 @@ class ControlledVm:
                                          + "\n".join(self.lines[-40:]) + "\nstderr:\n" + "".join(self.stderr[-20:]))
                 self._changed.wait(min(left, 1.0))
 
-    def command(self, text: str) -> dict:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        reply = self.replies.get(timeout=30)
-        assert "error" not in reply, reply
-        return reply
+    def set_target(self, size: int) -> dict:
+        return client.call(self.api_socket, "PUT", "/vm/balloon", {"target": size}, timeout=30)
+
+    def balloon_info(self) -> dict:
+        return client.call(self.api_socket, "GET", "/vm/balloon", timeout=30)
 
     def resident(self) -> int:
         return memfd_resident(self.proc.pid)
@@ -124,7 +119,7 @@ class ControlledVm:
     def wait_actual(self, size: int, timeout: float = 240) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            info = self.command("balloon-info")
+            info = self.balloon_info()
             if info["actual"] == size or time.monotonic() > deadline:
                 return info
             time.sleep(0.25)
@@ -134,9 +129,9 @@ def field(line: str, name: str) -> int:
     return int(line.split(f"{name}=")[1].split()[0])
 
 
-def test_balloon_inflate_deflate_free_page_reporting_and_statistics():
+def test_balloon_inflate_deflate_free_page_reporting_and_statistics(tmp_path):
     argv = stock.pyvmm_argv(GUEST, cpus=2, mem="768M", args=["--balloon", "stats=1,free-page-reporting=on"])
-    vm = ControlledVm([sys.executable, "-m", "tests.support.vmcontrol", *argv[4:]])
+    vm = ControlledVm(argv, str(tmp_path / "api.sock"))
     notes = []
     try:
         start = vm.wait_line("MEMTOTAL0=")
@@ -147,7 +142,7 @@ def test_balloon_inflate_deflate_free_page_reporting_and_statistics():
         # inflate by 256 MiB
         vm.wait_line("STEP-INFLATE")
         before = vm.resident()
-        vm.command(f"balloon-target {BALLOON}")
+        vm.set_target(BALLOON)
         info = vm.wait_actual(BALLOON)
         after = vm.resident()
         assert info["actual"] == BALLOON and info["inflated"] >= BALLOON, info
@@ -158,7 +153,7 @@ def test_balloon_inflate_deflate_free_page_reporting_and_statistics():
         assert 0.85 * BALLOON <= before - after <= BALLOON + 128 * MiB, notes
 
         # deflate: the guest gets it back and can use it
-        vm.command("balloon-target 0")
+        vm.set_target(0)
         info = vm.wait_actual(0)
         assert info["actual"] == 0, info
         vm.wait_line("DEFLATED")
@@ -184,7 +179,7 @@ def test_balloon_inflate_deflate_free_page_reporting_and_statistics():
 
         # statistics at the set interval (1 s)
         vm.wait_line("GUEST-DONE")
-        stats = vm.command("balloon-info")["stats"]
+        stats = vm.balloon_info()["stats"]
         gaps = [b - a for a, b in zip(stats["updates"], stats["updates"][1:])]
         notes.append(f"statistics: {len(stats['updates'])} updates, median gap {statistics.median(gaps):.2f} s, "
                      f"total-memory {stats.get('total-memory')}")

@@ -24,11 +24,11 @@ KERNEL_BOOT = [
     "--name", "vm \"one\"\\ü", "--stats=/tmp/stats.json", "--seccomp", "log", "--console-device", "virtio",
     "--port", "name=org.agent,socket=/tmp/agent.sock", "--port", "name=log,file=/tmp/port.log",
     "--rng", "rate=64K", "--balloon", "size=64M,stats=1,free-page-reporting=on", "--vsock", "cid=3,socket=/tmp/v.sock",
-    "--shutdown-timeout", "2.5",
+    "--shutdown-timeout", "2.5", "--api-socket", "/tmp/one.sock",
 ]
 FIRMWARE_BOOT = ["--firmware", "--boot", "net0,disk0", "--firmware-log", "/tmp/fw.log", "--disk", "/tmp/a.img",
                  "--net", "tap=tap0", "--stats", "--rng", "--balloon"]
-PROGRAM_BOOT = ["--program", "/tmp/driver.elf", "--cpus", "2", "--shutdown-timeout", "0"]
+PROGRAM_BOOT = ["--program", "/tmp/driver.elf", "--cpus", "2", "--shutdown-timeout", "0", "--api-socket", "off"]
 EVERY_SET = [KERNEL_BOOT, FIRMWARE_BOOT, PROGRAM_BOOT]
 
 

@@ -15,11 +15,11 @@ from vmm.kvm import structs as s
 STRUCTS = ["kvm_userspace_memory_region", "kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu",
            "kvm_msr_entry", "kvm_msrs", "kvm_lapic_state", "kvm_mp_state", "kvm_cpuid_entry2", "kvm_cpuid2",
            "kvm_irq_level", "kvm_pit_config", "kvm_irqfd", "kvm_ioeventfd", "kvm_msi", "kvm_irq_routing_entry",
-           "kvm_irq_routing"]
+           "kvm_irq_routing", "kvm_clock_data"]
 OFFSETS = [("kvm_run", "exit_reason"), ("kvm_run", "immediate_exit"), ("kvm_run", "io"), ("kvm_run", "mmio"),
            ("kvm_run", "kvm_valid_regs"), ("kvm_sregs", "efer"), ("kvm_sregs", "interrupt_bitmap"),
            ("kvm_fpu", "mxcsr"), ("kvm_ioeventfd", "flags"), ("kvm_irq_routing_entry", "u")]
-IOCTLS = [n for n in dir(c) if re.fullmatch(r"KVM_(GET|SET|CREATE|RUN|CHECK|IRQ|IOEVENTFD|SIGNAL)\w*", n)
+IOCTLS = [n for n in dir(c) if re.fullmatch(r"KVM_(GET|SET|CREATE|RUN|CHECK|IRQ|IOEVENTFD|SIGNAL|KVMCLOCK)\w*", n)
           and not n.startswith("KVM_CAP")]
 CAPS = [n for n in dir(c) if n.startswith("KVM_CAP_")]
 

@@ -1529,3 +1529,16 @@ def test_real_tap_gso_frames_reach_the_guest(real_dev, netns, mem, gso):
     else:
         assert all(VIRTIO_NET_HDR.unpack(h)[1] == 0 and VIRTIO_NET_HDR.unpack(h)[6] == 1 for h, _ in got)
         assert b"".join(f[54:] for _, f in got) == frame[54:]
+
+
+def test_counters_are_the_ring_paths_figures(drv, dev):
+    """The management API's counters (VirtioDevice.counter_totals) of a NIC: frames and payload
+    bytes from NetStats, the interrupts sent, NetStats itself as the detail."""
+    frames = [hdr() + frame_of(100 + i, seed=i) for i in range(3)]
+    for f in frames:
+        drv.send(f)
+    dev.process_tx(0)
+    c = dev.counter_totals()
+    assert (c["requests"], c["bytes"], c["errors"]) == (3, 303, 0)
+    assert c["interrupts"] == len(drv.interrupts) == 1
+    assert c["detail"]["tx_frames"] == 3 and c["detail"]["rx_frames"] == 0

@@ -126,12 +126,13 @@ class ConsolePort(PortBackend):
         super().attach(loop, events)
         loop.add_eventfd(self._wake, events.port_readable)
 
-    def feed(self, data: bytes) -> None:
-        """Input for the guest (any thread)."""
+    def feed(self, data: bytes) -> int:
+        """Input for the guest (any thread); the bytes taken (what does not fit is not)."""
         with self._lock:
-            room = MAX_CONSOLE_INPUT - len(self._input)
-            self._input += data[:max(room, 0)]
+            taken = min(len(data), max(MAX_CONSOLE_INPUT - len(self._input), 0))
+            self._input += data[:taken]
         os.eventfd_write(self._wake, 1)
+        return taken
 
     def read_into(self, views: Sequence[memoryview]) -> int:
         with self._lock:

@@ -67,7 +67,7 @@ _FLAGS = (
         "--name and the tap name; queue pairs default to one per vCPU; rom: the NIC's PCI expansion ROM, by "
         "default with --firmware iPXE's /usr/lib/ipxe/qemu/pxe-virtio.rom when installed)"), metavar="SPEC",
          table=True),
-    Flag("name", TEXT, "the VM's name (default MAC addresses derive from it)"),
+    Flag("name", TEXT, "the VM's name (default MAC addresses and the API socket's name derive from it)"),
     Flag("program", TEXT, (
         "run a freestanding x86-64 ELF in guest user mode instead of Linux (the driver guest used by tests "
         "and benchmarks); it starts with RDI = vCPU index, RSI = vCPU count, IOPL 3, interrupts off"), metavar="ELF"),
@@ -117,6 +117,10 @@ _FLAGS = (
     Flag("shutdown_timeout", SECONDS, (
         "on SIGTERM, press the guest's ACPI power button and give it SECONDS to power off before stopping "
         "it hard (a second SIGTERM stops at once); 0 (default): stop at once"), metavar="SECONDS"),
+    Flag("api_socket", TEXT, (
+        "the management API's Unix socket (HTTP/1.1 and JSON: curl --unix-socket PATH http://vm/vm): PATH, or off; "
+        "default: NAME.sock after --name (pyvmm-PID.sock without one) in the user's runtime directory, "
+        "$XDG_RUNTIME_DIR/pyvmm, where `pyvmm ls` finds it"), metavar="PATH"),
 )
 
 FLAGS: dict[str, Flag] = {f.key: f for f in _FLAGS}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .api import parse_api_socket
 from .console import PortSpec, check_ports, default_cmdline, parse_console_device, parse_port_spec, port_from_dict
 from .boot import DEFAULT_BOOT_ORDER, BootItem, boot_slots, parse_boot_order
 from .disk import DiskSpec, disk_from_dict, parse_disk_spec
@@ -27,7 +28,7 @@ ENTRIES = ("vmlinux", "bzimage")  # vmlinux: decompress on the host; bzimage: th
 ON_REBOOT = ("exit", "restart")
 OPTIONS = ("kernel", "initrd", "cmdline", "append", "mem", "cpus", "console", "entry", "cpuid_mask", "on_reboot",
            "disk", "net", "name", "program", "firmware", "boot", "firmware_log", "stats", "seccomp",
-           "console_device", "port", "rng", "balloon", "vsock", "shutdown_timeout")
+           "console_device", "port", "rng", "balloon", "vsock", "shutdown_timeout", "api_socket")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class VmConfig:
     balloon: BalloonSpec | None = None  # a virtio-balloon device
     vsock: VsockSpec | None = None     # a virtio-vsock-pci device (vmm/config/vsock.py)
     shutdown_timeout: float = 0.0      # SIGTERM: seconds the guest has to power off once asked (0: stop at once)
+    api_socket: str | None = None      # the management API's socket: a path, "off", None: the default (config/api.py)
 
     def __post_init__(self):
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -87,7 +89,8 @@ def from_dict(d: dict) -> VmConfig:
                   nets=tuple(_each(d, "net", parse_net_spec, net_from_dict)),
                   console_device=parse_console_device(d.get("console_device", "serial")),
                   ports=check_ports(_each(d, "port", parse_port_spec, port_from_dict)),
-                  vsock=_vsock(d.get("vsock")), shutdown_timeout=_seconds(d, "shutdown_timeout"))
+                  vsock=_vsock(d.get("vsock")), shutdown_timeout=_seconds(d, "shutdown_timeout"),
+                  api_socket=parse_api_socket(d.get("api_socket")))
     common.update(rng=_one(d, "rng", parse_rng_spec, rng_from_dict, RngSpec),
                   balloon=_one(d, "balloon", parse_balloon_spec, balloon_from_dict, BalloonSpec))
     check_balloon_size(common["balloon"], common["mem_size"])

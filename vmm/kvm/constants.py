@@ -29,6 +29,8 @@ KVM_IRQFD = _IOW(KVMIO, 0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, s.kvm_msi)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, s.kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, s.kvm_clock_data)
 
 # vCPU ioctls
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -48,6 +50,7 @@ KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, s.kvm_mp_state)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
 
 KVM_API_VERSION = 12
 

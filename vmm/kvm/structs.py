@@ -147,6 +147,17 @@ KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
+# -- the VM's clock (kvm-clock's base) ------------------------------------------------------
+class kvm_clock_data(Struct):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64), ("host_tsc", u64),
+                ("pad", u32 * 4)]
+
+
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
 class kvm_msi(Struct):
     _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32), ("devid", u32), ("pad", u8 * 12)]
 

@@ -76,6 +76,22 @@ class Vcpu:
         """Make the next (or current, with a signal) KVM_RUN return at once."""
         self.run_page.immediate_exit = 1
 
+    def clear_stop(self) -> None:
+        """Let KVM_RUN run again (after a pause)."""
+        self.run_page.immediate_exit = 0
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tell the guest's kvm-clock this vCPU was paused by the host (KVM_KVMCLOCK_CTRL), so its
+        soft-lockup watchdog does not take the pause for a hang; False where the guest has no
+        kvm-clock on this vCPU (EINVAL) or KVM lacks the call."""
+        try:
+            ioctl(self.fd, c.KVM_KVMCLOCK_CTRL, name="KVM_KVMCLOCK_CTRL")
+        except IoctlError as e:
+            if e.errno in (errno.EINVAL, errno.ENOTTY):
+                return False
+            raise
+        return True
+
     # -- state ----------------------------------------------------------------------------
     def _get(self, request: int, struct, name: str):
         value = struct()

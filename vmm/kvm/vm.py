@@ -66,6 +66,18 @@ class Vm:
         arg = s.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         ioctl(self.fd, c.KVM_IOEVENTFD, arg, name="KVM_IOEVENTFD")
 
+    # -- the guest's clock -----------------------------------------------------------------
+    def get_clock(self) -> int:
+        """kvm-clock's current value for the VM, in ns (KVM_GET_CLOCK)."""
+        data = s.kvm_clock_data()
+        ioctl(self.fd, c.KVM_GET_CLOCK, data, name="KVM_GET_CLOCK")
+        return data.clock
+
+    def set_clock(self, clock: int) -> None:
+        """Make kvm-clock read `clock` ns from now on (KVM_SET_CLOCK): a paused VM's clock goes on
+        from where it stopped."""
+        ioctl(self.fd, c.KVM_SET_CLOCK, s.kvm_clock_data(clock=clock), name="KVM_SET_CLOCK")
+
     # -- vCPUs ------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int):
         from .vcpu import Vcpu

@@ -17,7 +17,8 @@ The program, for each system call:
      without it).  clone3: ENOSYS whatever the mode, because its flags are in memory a filter
      cannot read; glibc's pthread_create (2.34+) then falls back to clone, which rule 3 checks.
   4. socket: allowed only for AF_UNIX (glibc's NSS may use one; virtio-console's --port listens on
-     one, made before the filter, and accepts its clients with accept4; --vsock's device listens on a
+     one, made before the filter, and accepts its clients with accept4; so does the management API
+     (vmm/api/server.py), whose clients it serves with recv, send and epoll; --vsock's device listens on a
      Unix socket and connects to PATH_<port> for the guest at run time: bind, listen, accept4, connect,
      sendmsg, recvmsg and shutdown are not denied, whatever the socket).
   5. DENIED: the deny action.
