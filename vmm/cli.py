@@ -145,17 +145,23 @@ def cmd_run(args, main_start_wall: float | None = None) -> int:
             raise UsageError(str(kernel_error))
         if not cfg.program:
             cfg = dataclasses.replace(cfg, kernel_mode_native=kernel_mode_native(kvm))
-        current: list = [None]  # the Machine of this boot, for the API (None between boots)
-        api = start_api(cfg, lambda: current[0])
     except BaseException:
         if early is not None:
             early.abandon()
         raise
+    current: list = [None]  # the Machine of this boot, for the API (None between boots)
+    servers: list = []  # the API's server: started once the first boot's vCPUs run (not ~11 ms before)
+
+    def start_api_once() -> None:
+        if not servers:
+            servers.append(start_api(cfg, lambda: current[0]))
+
     try:
-        return run_boots(args, cfg, kvm, current, main_start_wall, early)
+        return run_boots(args, cfg, kvm, current, main_start_wall, early, on_started=start_api_once)
     finally:
-        if api is not None:
-            api.close()
+        for server in servers:
+            if server is not None:
+                server.close()
 
 
 def start_api(cfg, current):
@@ -186,9 +192,10 @@ def start_api(cfg, current):
     return server
 
 
-def run_boots(args, cfg, kvm, current: list, main_start_wall: float | None, early=None) -> int:
+def run_boots(args, cfg, kvm, current: list, main_start_wall: float | None, early=None, on_started=None) -> int:
     """Boot the VM (again after a reset with --on-reboot restart); its exit status.  `early`: the first
-    boot's guest RAM with its kernel on the way in (vmm/early.py), taken over by its Machine."""
+    boot's guest RAM with its kernel on the way in (vmm/early.py), taken over by its Machine;
+    `on_started()`: called once each boot's vCPUs run."""
     from kernel.errors import KernelImageError
     from virtio.backends.errors import ImageError, PortError, TapError
     from .console import stdin_fd
@@ -225,7 +232,7 @@ def run_boots(args, cfg, kvm, current: list, main_start_wall: float | None, earl
             break
         current[0] = machine
         try:
-            status = machine.run()
+            status = machine.run(on_started=on_started)
             message, reset = machine.lifecycle.message, machine.lifecycle.reset_requested
             forced = machine.graceful_stop.timed_out  # SIGTERM's graceful stop ran out of time
         finally:

@@ -491,9 +491,10 @@ class Machine(PythonApi):
         """Stop the VM now, whatever the guest is doing (exit status 0, as a SIGTERM)."""
         self.lifecycle.stop(0, message)
 
-    def run(self, command: str | None = None, *, timeout: float = 60.0):
+    def run(self, command: str | None = None, *, timeout: float = 60.0, on_started=None):
         """Without a command, what `pyvmm run` does: run the VM until the guest powers off, resets,
-        or we are told to stop (blocking; the exit status).  With one, inside `with Machine(...)
+        or we are told to stop (blocking; the exit status); `on_started()` is called once the vCPUs
+        run (an exception from it stops the VM and is raised).  With one, inside `with Machine(...)
         as vm:`, run it in the kit guest's shell: (exit status, output) (run_command)."""
         if command is not None:
             return self.run_command(command, timeout)
@@ -501,6 +502,8 @@ class Machine(PythonApi):
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.start()
+            if on_started is not None:
+                on_started()
             self._main_loop()
         finally:
             for sig, handler in previous.items():
