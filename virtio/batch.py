@@ -256,7 +256,7 @@ class BatchReader:
         step-by-step walk decides: it takes any chain order, and finds the prefix)."""
         table_len = int(d[0]["len"])
         width, rest = divmod(table_len, DESC_SIZE)
-        if rest or not 0 < width <= min(max_buffers, MAX_BATCH_DESCRIPTORS):
+        if rest or not 0 < width <= min(max_buffers, MAX_BATCH_DESCRIPTORS) or table_len > self.direct:
             return None
         # the heads: the first one's flags and length exactly (the driver's `next` is not read),
         # each table 16-aligned and wholly below direct

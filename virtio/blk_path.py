@@ -85,6 +85,7 @@ class BlkPath:
         self._publish = publish
         self._io_error = io_error
         self._published = queue.next_used
+        self.batched = self.single = 0  # requests completed by batches / one chain at a time
         self._rows = np.arange(queue.size, dtype=np.int64)
         self._status_only = np.ones(queue.size, dtype=np.int64)  # a write's used length: the status byte
 
@@ -103,18 +104,21 @@ class BlkPath:
 
     def drain(self) -> None:
         """Complete every available request; publish and notify.  Raises QueueError when the ring
-        is broken (the device then fails the queue)."""
+        is broken (the device then fails the queue), once the requests completed before are
+        handed over."""
         queue = self.queue
         queue.set_notification(False)
-        while True:
-            step = self._batch() if self._reader is not None else _UNUSUAL
-            if step == _UNUSUAL:
-                step = self._one()
-            if step == _EMPTY:
-                if not queue.enable_notification():
-                    break
-                queue.set_notification(False)
-        self._hand_over()
+        try:
+            while True:
+                step = self._batch() if self._reader is not None else _UNUSUAL
+                if step == _UNUSUAL:
+                    step = self._one()
+                if step == _EMPTY:
+                    if not queue.enable_notification():
+                        break
+                    queue.set_notification(False)
+        finally:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         if self.queue.next_used != self._published:
@@ -132,6 +136,7 @@ class BlkPath:
         if chain is None:
             return _EMPTY
         queue.add_used(chain.head, self._complete(chain))
+        self.single += 1
         if chain.readable_len + chain.writable_len >= PUBLISH_EARLY_BYTES:
             # a big request took a while: hand it back now, so the driver can refill the queue
             # while we work on the rest (no bubble between batches)
@@ -198,5 +203,6 @@ class BlkPath:
         else:
             reader.write_u8(status_at, VIRTIO_BLK_S_OK)
         reader.complete(batch.heads[:m], used)
+        self.batched += m
         self._hand_over()
         return m
