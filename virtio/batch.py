@@ -260,7 +260,7 @@ class BatchReader:
             return None
         # the heads: the first one's flags and length exactly (the driver's `next` is not read),
         # each table 16-aligned and wholly below direct
-        head = self._ram64[self._table : self._table + self.queue.size].take(heads, axis=0, mode="clip")
+        head = d.view(np.uint64).reshape(-1, 2)  # the head descriptors as words
         table_addr = head[:, 0]
         ok = ok & ((head[:, 1] & _FLAGS_LEN) == head[0, 1] & _FLAGS_LEN)  # (not in place: peek's, if None)
         ok &= (table_addr & _U64(DESC_SIZE - 1) == 0) & (table_addr <= self._direct - _U64(table_len))
