@@ -391,8 +391,9 @@ class RawImage:
 
     def _probe_nowait(self) -> tuple[bool, bool]:
         """(reads, writes): does the file take RWF_NOWAIT, or answer EOPNOTSUPP?  Asked of the
-        first block: read, and written back unchanged (at open: the guest is not running yet, and
-        the lock keeps other VMs out).  Data or EAGAIN (it would have to wait) both say yes."""
+        first block: read, and for a regular file written back unchanged (at open: the guest is not
+        running yet, and the lock keeps other VMs out); a block device is not written (a disk takes
+        RWF_NOWAIT both ways or neither).  Data or EAGAIN (it would have to wait) both say yes."""
         block = max(self.offset_align, SECTOR_SIZE)
         if self.size < block:
             return False, False
@@ -401,8 +402,8 @@ class RawImage:
             view = memoryview(buf)[:block]
             try:
                 reads = self._nowait_ok(os.preadv, view)
-                if self.read_only:
-                    return reads, False
+                if self.read_only or self.block_device:
+                    return reads, reads and not self.read_only
                 transfer_all(os.preadv, self.fd, [view], 0)
                 return reads, self._nowait_ok(os.pwritev, view)
             finally:

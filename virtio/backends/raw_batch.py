@@ -49,7 +49,7 @@ BATCH_RING_ENTRIES = 256  # io_uring submission queue of a disk queue (more requ
 _OPCODES = (np.full(BATCH_RING_ENTRIES, IORING_OP_READV, dtype=np.uint8),
             np.full(BATCH_RING_ENTRIES, IORING_OP_WRITEV, dtype=np.uint8))
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None)
 _preadv, _pwritev = _libc.preadv, _libc.pwritev  # (over an iovec array we have: os.preadv wants buffers)
 for _call in (_preadv, _pwritev):
     _call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
@@ -135,12 +135,10 @@ class FileBlockIO:
         return self._finish(write, results, short, iov_addresses, counts, offsets)
 
     def _loop(self, write: bool, iov_addresses, counts, offsets) -> np.ndarray:
+        """Bytes moved per request, -1 for a failure (which _finish does again, and says why)."""
         fd, call = self._fd, _pwritev if write else _preadv
-        out = []
-        for address, count, offset in zip(iov_addresses.tolist(), counts.tolist(), offsets.tolist()):
-            n = call(fd, address, count, offset)
-            out.append(n if n >= 0 else -ctypes.get_errno())
-        return np.array(out, dtype=np.int64)
+        rows = zip(iov_addresses.tolist(), counts.tolist(), offsets.tolist())
+        return np.array([call(fd, address, count, offset) for address, count, offset in rows], dtype=np.int64)
 
     def _finish(self, write: bool, results, short, iov_addresses, counts, offsets) -> np.ndarray:
         """The requests not done whole (a short transfer; an error, such as EINVAL for an
