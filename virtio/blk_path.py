@@ -12,7 +12,8 @@ notifications on (the lost-kick-free pattern of Queue.drain).  Two ways, chosen 
   * one chain at a time (Queue.pop, and the device's complete_request) for the chain after such
     a prefix: every other request type (FLUSH, GET_ID, DISCARD...), every other shape, all that
     the device must refuse (IOERR, UNSUPP), and big requests (more than PUBLISH_EARLY_BYTES of
-    data, handed back one by one so that the driver refills the queue while the next moves).
+    data, handed back one by one so that the driver refills the queue while the next moves);
+    and the ALONE_AFTER_UNUSUAL chains after it, without a walk, as the next are likely alike.
 
 The usual shape: a 16-byte device-readable header buffer; for VIRTIO_BLK_T_IN one or more
 device-writable data buffers, for VIRTIO_BLK_T_OUT (a writable disk) one or more
@@ -52,6 +53,7 @@ from .queue import ChainError, DescriptorChain, Queue
 REQ_HEADER_DTYPE = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<u8")])
 assert REQ_HEADER_DTYPE.itemsize == REQ_HEADER.size
 _FRAME = REQ_HEADER.size + 1  # a request's bytes beyond its data: the header and the status byte
+ALONE_AFTER_UNUSUAL = 16
 _EMPTY = -1  # (a step's result) the ring is empty
 _UNUSUAL = -2  # (a step's result) the next chain is not of the batch shape
 _U64 = np.uint64
@@ -86,6 +88,7 @@ class BlkPath:
         self._io_error = io_error
         self._published = queue.next_used
         self.batched = self.single = 0  # requests completed by batches / one chain at a time
+        self._alone = 0  # chains to take one at a time before walking a batch again
         self._rows = np.arange(queue.size, dtype=np.int64)
         self._status_only = np.ones(queue.size, dtype=np.int64)  # a write's used length: the status byte
 
@@ -110,7 +113,7 @@ class BlkPath:
         queue.set_notification(False)
         try:
             while True:
-                step = self._batch() if self._reader is not None else _UNUSUAL
+                step = self._batch() if self._reader is not None and not self._alone else _UNUSUAL
                 if step == _UNUSUAL:
                     step = self._one()
                 if step == _EMPTY:
@@ -137,6 +140,7 @@ class BlkPath:
             return _EMPTY
         queue.add_used(chain.head, self._complete(chain))
         self.single += 1
+        self._alone = max(self._alone - 1, 0)
         if chain.readable_len + chain.writable_len >= PUBLISH_EARLY_BYTES:
             # a big request took a while: hand it back now, so the driver can refill the queue
             # while we work on the rest (no bubble between batches)
@@ -144,6 +148,13 @@ class BlkPath:
         return 1
 
     # -- batches ------------------------------------------------------------------------------
+    def _unusual(self) -> int:
+        """The next chain is not a batch's: it, and the ALONE_AFTER_UNUSUAL after it, go one at a
+        time without a walk (a stream of big requests, of long chains or of buffers above the
+        4 GiB hole would otherwise pay for a batch walk each and use none)."""
+        self._alone = ALONE_AFTER_UNUSUAL + 1
+        return _UNUSUAL
+
     def _batch(self) -> int:
         """Run the longest prefix of the available chains that are usual requests, all reads or
         all writes: the chains taken, _EMPTY, or _UNUSUAL when the next chain must go alone."""
@@ -154,7 +165,7 @@ class BlkPath:
             return _EMPTY
         n = len(batch)
         if not n:
-            return _UNUSUAL
+            return self._unusual()
         header = reader.read(batch.first, REQ_HEADER_DTYPE)  # our copy
         rtype, sector = header["type"], header["sector"]
         kind = int(rtype[0])  # the batch's kind: the first request's
@@ -163,11 +174,11 @@ class BlkPath:
         elif kind == VIRTIO_BLK_T_IN:
             write = False
         else:
-            return _UNUSUAL
+            return self._unusual()
         iov, readable, width = batch.iov, batch.readable, batch.width
         if width:  # (every chain has `width` buffers: columns, not a gather)
             if width < 3:
-                return _UNUSUAL
+                return self._unusual()
             last = width - 1
             status_len = iov[:, last, 1]
             shape = readable == (last if write else 1)  # header, then data one way, then status
@@ -187,7 +198,7 @@ class BlkPath:
         )
         m = n if np.count_nonzero(usual) == n else int(usual.argmin())
         if not m:
-            return _UNUSUAL
+            return self._unusual()
         reader.consume(m)
         if m < n:
             data, sector, last = data[:m], sector[:m], last if width else last[:m]

@@ -32,6 +32,8 @@ from virtio.blk import (
     VIRTIO_BLK_T_OUT,
     VirtioBlk,
 )
+from virtio import blk_path
+from virtio.blk_path import ALONE_AFTER_UNUSUAL
 from vmm.memory import MiB, GuestMemory
 
 SECTORS = 2048  # a 1 MiB image
@@ -200,10 +202,14 @@ def same_outcome(pair):
        hostile=st.one_of(st.none(), st.tuples(
            st.integers(0, 63), st.sampled_from(["addr", "len", "flags", "next", "head"]),
            st.one_of(st.integers(0, 40), st.sampled_from([16, 4096, 2 * MiB - 1, 2 * MiB, 2**32 - 1, 2**64 - 1]),
-                     st.integers(0, 2**64 - 1)))))
-def test_the_batch_path_does_what_the_one_chain_path_does(pair, requests, read_only, hostile):
+                     st.integers(0, 2**64 - 1)))),
+       alone=st.sampled_from([-1, -1, 1, ALONE_AFTER_UNUSUAL]))
+def test_the_batch_path_does_what_the_one_chain_path_does(pair, requests, read_only, hostile, alone):
+    """(`alone`: the chains after an unusual one that go one at a time; -1: none, so batches are
+    tried after every unusual chain.)"""
     pair.start(read_only)
     try:
+        blk_path.ALONE_AFTER_UNUSUAL = alone
         for mem in pair.mems:
             mq, meta = lay_out(mem, requests)
             if hostile is not None:
@@ -223,6 +229,7 @@ def test_the_batch_path_does_what_the_one_chain_path_does(pair, requests, read_o
         event(f"requests taken by batches: {min(path.batched, 3) if path is not None else 'no path'}")
         same_outcome(pair)
     finally:
+        blk_path.ALONE_AFTER_UNUSUAL = ALONE_AFTER_UNUSUAL
         pair.stop()
 
 
@@ -268,28 +275,55 @@ def one_device(tmp_path):
             dev.close()
 
 
+def counted(dev, io):
+    """Record each batch call (write?, requests) and each flush (the batch calls before it)."""
+    calls, flushed = [], []
+    real, real_flush = io.transfer, dev.backend.flush
+    io.transfer = lambda write, *args: (calls.append((write, len(args[0]))), real(write, *args))[1]
+    dev.backend.flush = lambda: (flushed.append(len(calls)), real_flush())
+    return calls, flushed
+
+
+def flush(drv):
+    hdr, status = drv.mq.alloc(16), drv.mq.alloc(1)
+    drv.mem.write(hdr, REQ_HEADER.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
+    return drv.mq.add_chain([Buf(hdr, 16), Buf(status, 1, True)])
+
+
 def test_batch_calls_are_one_kind_and_in_ring_order(tmp_path):
     with one_device(tmp_path) as (mem, dev, drv, io):
-        calls = []
-        real = io.transfer
-        io.transfer = lambda write, *args: (calls.append((write, len(args[0]))), real(write, *args))[1]
-        flushed = []
-        real_flush = dev.backend.flush
-        dev.backend.flush = lambda: (flushed.append(len(calls)), real_flush())
+        calls, _ = counted(dev, io)
         for i in range(3):
             drv.request(VIRTIO_BLK_T_OUT, 8 * i, 4096, write_data=bytes([i + 1]) * 4096)
-        hdr, status = drv.mq.alloc(16), drv.mq.alloc(1)
-        mem.write(hdr, REQ_HEADER.pack(VIRTIO_BLK_T_FLUSH, 0, 0))
-        drv.mq.add_chain([Buf(hdr, 16), Buf(status, 1, True)])
         reads = [drv.request(VIRTIO_BLK_T_IN, 8 * i, 4096) for i in range(3)]
         writes_after = [drv.request(VIRTIO_BLK_T_OUT, 8 * i, 4096, write_data=b"\x77" * 4096) for i in range(2)]
         dev.process_queue(0)
         assert calls == [(True, 3), (False, 3), (True, 2)]
-        assert flushed == [1]  # between the writes and the reads
-        for i, (head, data, st_) in enumerate(reads):  # each read saw the write before it
+        for i, (head, data, _) in enumerate(reads):  # each read saw the write before it
             assert mem.read(data, 4096) == bytes([i + 1]) * 4096
         used = dict(drv.mq.used_entries())
         assert all(used[h] == 1 for h, _, _ in writes_after)
+
+
+def test_a_flush_waits_for_the_writes_before_it_and_the_next_chains_go_alone(tmp_path):
+    """FLUSH goes one chain at a time, after the batch of writes before it; the
+    ALONE_AFTER_UNUSUAL chains after it too, without a walk; then batches again."""
+    with one_device(tmp_path) as (mem, dev, drv, io):
+        calls, flushed = counted(dev, io)
+        for i in range(3):
+            drv.request(VIRTIO_BLK_T_OUT, 8 * i, 4096, write_data=bytes([i + 1]) * 4096)
+        head = flush(drv)
+        after = [drv.request(VIRTIO_BLK_T_IN, 8 * (i % 3), 4096) for i in range(ALONE_AFTER_UNUSUAL + 3)]
+        dev.process_queue(0)
+        assert flushed == [1]
+        assert calls == [(True, 3), (False, 3)]
+        path = dev._paths[0]
+        assert (path.batched, path.single) == (6, 1 + ALONE_AFTER_UNUSUAL)
+        used = dict(drv.mq.used_entries())
+        assert used[head] == 1
+        for i, (head, data, status) in enumerate(after):
+            assert used[head] == 4097 and mem.read(status, 1)[0] == VIRTIO_BLK_S_OK
+            assert mem.read(data, 4096) == bytes([i % 3 + 1]) * 4096
 
 
 def test_a_failed_batch_request_is_ioerr_and_the_others_go_through(tmp_path):
