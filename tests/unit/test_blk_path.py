@@ -360,3 +360,18 @@ def test_reset_closes_the_path_and_the_image_lock_goes_with_the_device(tmp_path)
         assert dev._paths == [None]
         dev.close()
     RawImage.open(path).close()  # not locked any more
+
+
+def test_after_a_busy_drain_the_ring_is_watched_before_asking_for_a_kick(tmp_path):
+    """_poll: chains already there are taken at once; an empty ring is given up after the window
+    (then notifications go back on: avail_event is where the next kick must come from)."""
+    with one_device(tmp_path) as (mem, dev, drv, io):
+        path = dev._paths[0]
+        assert not path._poll()
+        drv.request(VIRTIO_BLK_T_IN, 0, 4096)
+        assert path._poll()
+        reqs = [drv.request(VIRTIO_BLK_T_IN, 8 * i, 4096) for i in range(blk_path.POLL_AFTER)]
+        dev.process_queue(0)  # a busy drain: it watches the ring, then asks for a kick
+        used = dict(drv.mq.used_entries())
+        assert all(used[h] == 4097 for h, _, _ in reqs)
+        assert drv.mq.avail_event == dev.queues[0].next_avail
