@@ -18,9 +18,11 @@ guest RAM and the file with os.preadv / os.pwritev: no copy in Python.
 
 Threads: `activate()` (DRIVER_OK) starts one IoThread per queue, woken by the
 queue's eventfd (an ioeventfd: the driver's notification does not exit the
-vCPU).  Each wake-up completes every available request, publishes the used
-ring once, and interrupts the driver if it asked to be (EVENT_IDX).
-`deactivate()` (reset) stops and joins them.
+vCPU).  Each wake-up completes every available request through the queue's
+ring path (virtio/blk_path.py: plain reads and writes in batches, through the
+backend's batch I/O - io_uring -, everything else one chain at a time here),
+publishes the used ring once per batch, and interrupts the driver if it asked
+to be (EVENT_IDX).  `deactivate()` (reset) stops and joins them.
 
 Errors: a malformed request fails alone (VIRTIO_BLK_S_IOERR, or UNSUPP for an
 unknown type) with a rate-limited log line; an unusable queue sets
@@ -30,9 +32,10 @@ DEVICE_NEEDS_RESET and that queue is not served until the driver resets.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from vmm.memory import GuestMemory
 from .backends import BlockBackend
@@ -41,6 +44,9 @@ from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .ratelimit import RateLimitedLog
 from .queue import DescriptorChain, QueueError
 from .worker import IoThread
+
+if TYPE_CHECKING:  # (numpy and io_uring are loaded once a queue has requests)
+    from .blk_path import BlkPath
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +167,10 @@ class VirtioBlk(VirtioDevice):
         queue_size: int = 256,
         serial: str = "",
         read_only: bool = False,
+        batches: bool = True,
     ):
+        """`batches=False`: every request one chain at a time (the reference the batch path is
+        tested against)."""
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"virtio-blk: {num_queues} queues is not from 1 to {MAX_QUEUES}")
         self.backend = backend
@@ -197,6 +206,8 @@ class VirtioBlk(VirtioDevice):
             VIRTIO_BLK_T_WRITE_ZEROES: self._write_zeroes,
         }
         self._threads: list[IoThread] = []
+        self._batches = batches
+        self._paths: list[BlkPath | None] = [None] * num_queues  # made on a queue's first request
         self._guest_error = RateLimitedLog(log)
         self._io_error = RateLimitedLog(log)
 
@@ -243,6 +254,14 @@ class VirtioBlk(VirtioDevice):
         for thread in threads:
             thread.stop()  # joins: no request is in progress after this
 
+    def reset(self) -> None:
+        with self._lock:
+            super().reset()  # the threads are stopped first
+            paths, self._paths = self._paths, [None] * len(self.queues)
+            for path in paths:
+                if path is not None:
+                    path.close()
+
     def close(self) -> None:
         super().close()
         self.backend.close()
@@ -252,19 +271,30 @@ class VirtioBlk(VirtioDevice):
         """Complete every available request of queue `index` (on its I/O thread)."""
         if self._queue_failed[index]:
             return
-        queue = self.queues[index]
-        complete = self.complete_request
-        counters = self.counters[index]
         try:
-            for chain in queue.drain(partial(self._on_chain_error, queue)):
-                queue.add_used(chain.head, complete(chain, counters))
-                if chain.readable_len + chain.writable_len >= PUBLISH_EARLY_BYTES:
-                    # a big request took a while: hand it back now, so the driver can refill the
-                    # queue while we work on the rest of the batch (no bubble between batches)
-                    self.publish_and_notify(index)
-            self.publish_and_notify(index)
+            (self._paths[index] or self._open_path(index)).drain()
         except QueueError as err:
             self.fail_queue(index, err)
+
+    def _open_path(self, index: int) -> "BlkPath":
+        """Queue `index`'s ring path, with the backend's batch I/O (kept once the queue is ready)."""
+        from .backends.raw_batch import LoopBlockIO
+        from .blk_path import BlkPath
+
+        queue = self.queues[index]
+        io = None
+        if self._batches and queue.ready:
+            open_batch_io = getattr(self.backend, "open_batch_io", None)
+            io = open_batch_io() if open_batch_io is not None else LoopBlockIO(self.backend)
+        path = BlkPath(queue, io, capacity=self.capacity, read_only=self.read_only, counters=self.counters[index],
+                       complete=self.complete_request, chain_error=partial(self._on_chain_error, queue),
+                       publish=partial(self.publish_and_notify, index), io_error=self._batch_io_error)
+        if queue.ready:
+            self._paths[index] = path
+        return path
+
+    def _batch_io_error(self, err: int) -> None:
+        self._io_error("%s: I/O error on %s: %s", self.name, getattr(self.backend, "path", "disk"), os.strerror(err))
 
     def complete_request(self, chain: DescriptorChain, counters: QueueCounters | None = None) -> int:
         """Execute one request, write its status byte; return the used length.  `counters` (the

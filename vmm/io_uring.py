@@ -219,12 +219,16 @@ class IoUring:
         iovec = np.zeros(2, dtype=np.uint64)  # one struct iovec, never read (length 0)
         return int(self.submit_rw(np.array([iovec.ctypes.data], dtype=np.uint64), np.zeros(1, dtype=np.uint64))[0])
 
-    def submit_rw(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def submit_rw(self, addrs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray | None = None,
+                  opcodes: np.ndarray | None = None) -> np.ndarray:
         """Run one prefilled request per row (readv / writev: addr is an iovec array's address,
         len its entries) and wait for them all; their results (bytes, or -errno) in row order.
+        `offsets` (file positions) and `opcodes` (IORING_OP_READV / WRITEV), where given, are
+        per row too (a disk's requests); else prefill's.
 
         The requests are issued in row order, as many per io_uring_enter as the SQ has room for;
-        with RWF_NOWAIT (prefill's default) each completes at once, -EAGAIN when it would wait."""
+        with RWF_NOWAIT (prefill's default) each completes at once, -EAGAIN when it would wait.
+        (They may run in any order: a caller that needs one before another submits it first.)"""
         count = len(addrs)
         results = np.empty(count, dtype=np.int64)
         done = 0
@@ -238,6 +242,10 @@ class IoUring:
                     sqes["addr"] = addrs[done:][rows]
                     sqes["len"] = lengths[done:][rows]
                     sqes["user_data"] = self._rows[rows]  # which of these n requests
+                    if offsets is not None:
+                        sqes["off"] = offsets[done:][rows]
+                    if opcodes is not None:
+                        sqes["opcode"] = opcodes[done:][rows]
             self._submit(n, n)
             got = 0
             while got < n:

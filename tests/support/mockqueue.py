@@ -264,11 +264,13 @@ class MockSplitQueue:
         *,
         direct: Iterable[Buf] = (),
         publish: bool = True,
+        in_order: bool = False,
     ) -> int:
         """A chain whose buffers are in an indirect table at `table` (allocated if None).
 
         `direct` buffers, if any, come first as ordinary descriptors, followed
         by the one VIRTQ_DESC_F_INDIRECT descriptor (the spec's device requirements allow that).
+        in_order: the buffers in table order, as Linux lays a table out.
         """
         bufs = list(bufs)
         direct = list(direct)
@@ -277,6 +279,8 @@ class MockSplitQueue:
         # The device starts at entry 0; the rest go in descending entries
         # (0, n-1, n-2, ..., 1), to show that it follows `next`, not table order.
         order = [0] + list(range(len(bufs) - 1, 0, -1)) if bufs else []
+        if in_order:
+            order = list(range(len(bufs)))
         self.write_chain(bufs, order, table=table)
         indices = self._take_descs(len(direct) + 1)
         self.write_chain(direct, indices[:-1])

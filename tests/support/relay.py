@@ -52,6 +52,7 @@ LOG_TAIL = 60
 L1_RUNS = 6  # L1 started at most this often for one session's relayed tests
 L1_STOPS_PER_TEST = 3  # a test during which L1 stops this often fails
 L1_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test in L1; L1 silent 2 minutes longer is stopped
+HOST_TEST_TIMEOUT = 600  # pytest-timeout's bound on one test run on this host (not relayed)
 L1_STALL_TIMEOUT = 60  # L1 whose heartbeat (every 5 s) is this old (seconds) has frozen: stopped
 L2_TRIPLE_FAULT = "triple fault (KVM_EXIT_SHUTDOWN)"  # what pyvmm prints when a vCPU shuts down
 # What a stock guest prints when its CPU faults inside the kernel (an oops in an interrupt).  Seen in L1
@@ -259,7 +260,15 @@ _relay_key = pytest.StashKey[Relay]()
 
 def pytest_collection_modifyitems(session, config, items):
     if os.environ.get("PYVMM_IN_NESTED"):
-        return
+        return  # (L1's pytest bounds each test with --timeout=L1_TEST_TIMEOUT)
+    _relay_tests(config, items)
+    relay = config.stash.get(_relay_key, None)
+    for item in items:  # a test run here that hangs fails after HOST_TEST_TIMEOUT instead of stalling the suite
+        if (relay is None or not relay.owns(item)) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(HOST_TEST_TIMEOUT))
+
+
+def _relay_tests(config, items) -> None:
     native = [item for item in items if item.get_closest_marker("native")]
     kernel = [item for item in items if item.get_closest_marker("debian12") and item not in native]
     off = os.environ.get("PYVMM_NESTED", "auto") == "off"

@@ -10,6 +10,7 @@ taken and that complete() writes the used ring as add_used() would.
 from __future__ import annotations
 
 import ctypes
+from functools import partial
 
 import numpy as np
 import pytest
@@ -28,8 +29,34 @@ def host_base(mem) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mem.buffer))
 
 
+def add_styled(mq, style, bufs):
+    """A chain of `bufs`: direct, indirect (the table out of order), or in-order (as Linux lays a
+    table out); (its head, bufs)."""
+    head = mq.add_chain(bufs) if style == "direct" else mq.add_indirect_chain(bufs, in_order=style == "in-order")
+    return head, bufs
+
+
+def assert_taken_as_built(batch, expected, mem):
+    """The batch is all the (head, bufs) chains, in order, with iovecs at their buffers."""
+    assert len(batch) == len(expected)
+    base = host_base(mem)
+    for i, (head, bufs) in enumerate(expected):
+        assert batch.heads[i] == head
+        assert [(int(a) - base, int(n)) for a, n in batch.iov[i, : batch.counts[i]]] == [(b.addr, b.length) for b in bufs]
+
+
+def chain_ranges(chain, writable):
+    """The buffers a peek(writable=...) row must name for this popped chain, and its readable count;
+    None if that peek must not take it (it goes the other way, or both ways for a one-way peek)."""
+    if writable is None:
+        return chain.readable + chain.writable, len(chain.readable)
+    if chain.readable if writable else chain.writable:
+        return None
+    return (chain.writable if writable else chain.readable), None
+
+
 @settings(FUZZ, max_examples=1000)
-@given(s=scenario(), writable=st.booleans(), limit=st.integers(1, 16))
+@given(s=scenario(), writable=st.sampled_from([False, True, None]), limit=st.integers(1, 16))
 def test_peek_takes_only_chains_pop_accepts(memories, s, writable, limit):
     kind, size = s["kind"], s["size"]
     mem = memories[kind]
@@ -53,13 +80,18 @@ def test_peek_takes_only_chains_pop_accepts(memories, s, writable, limit):
         base = host_base(mem)
         for i in range(len(batch)):
             chain = full.pop()  # raises ChainError if the batch took a bad chain
-            ranges = chain.writable if writable else chain.readable
-            assert not (chain.readable if writable else chain.writable)
+            taken = chain_ranges(chain, writable)
+            assert taken is not None, "the batch took a chain of the other way"
+            ranges, readable = taken
             assert batch.heads[i] == chain.head
             count = int(batch.counts[i])
             assert [(int(a) - base, int(n)) for a, n in batch.iov[i, :count]] == [(mem.offset(g, n), n) for g, n in ranges]
             assert batch.lengths[i] == sum(n for _, n in ranges)
             assert batch.first[i] == ranges[0][0]
+            if writable is None:
+                assert batch.readable[i] == readable
+            if batch.width:
+                assert count == batch.width
         event(f"took {len(batch)} of {min(limit, (s['avail_idx'] - s['start']) & 0xFFFF)}")
         reader.consume(len(batch))
         assert q.next_avail == full.next_avail
@@ -72,7 +104,7 @@ def test_peek_takes_only_chains_pop_accepts(memories, s, writable, limit):
 
 @given(
     chains=st.lists(
-        st.tuples(st.sampled_from(["direct", "indirect"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
+        st.tuples(st.sampled_from(["direct", "indirect", "in-order"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
         min_size=1,
         max_size=8,
     ),
@@ -87,19 +119,11 @@ def test_well_behaved_chains_are_all_taken_and_completed(memories, chains, start
     clear(mem, "split")
     mq = MockSplitQueue(mem, 32, base=REGION - 8 * KiB, data_base=0x4000, start_idx=start)
     q = mq.create_queue(event_idx=True, indirect=True)
-    expected = []
-    for style, lengths in chains:
-        bufs = [Buf(mq.alloc(n), n, writable) for n in lengths]
-        head = mq.add_chain(bufs) if style == "direct" else mq.add_indirect_chain(bufs)
-        expected.append((head, bufs))
+    expected = [add_styled(mq, style, [Buf(mq.alloc(n), n, writable) for n in lengths]) for style, lengths in chains]
     reader = BatchReader(q)
     try:
         batch = reader.peek(32, writable=writable)
-        assert len(batch) == len(chains)
-        base = host_base(mem)
-        for i, (head, bufs) in enumerate(expected):
-            assert batch.heads[i] == head
-            assert [(int(a) - base, int(n)) for a, n in batch.iov[i, : batch.counts[i]]] == [(b.addr, b.length) for b in bufs]
+        assert_taken_as_built(batch, expected, mem)
         # the other way: nothing taken
         assert len(reader.peek(32, writable=not writable)) == 0
         reader.consume(len(batch))
@@ -115,11 +139,11 @@ def test_well_behaved_chains_are_all_taken_and_completed(memories, chains, start
 @settings(FUZZ, max_examples=600)
 @given(
     chains=st.lists(
-        st.tuples(st.sampled_from(["direct", "indirect"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
+        st.tuples(st.sampled_from(["direct", "indirect", "in-order"]), st.lists(st.integers(1, 300), min_size=1, max_size=3)),
         min_size=1,
         max_size=6,
     ),
-    writable=st.booleans(),
+    writable=st.sampled_from([False, True, None]),
     target=st.integers(0, 63),
     field=st.sampled_from(["addr", "len", "flags", "next", "head"]),
     value=st.one_of(
@@ -137,11 +161,8 @@ def test_one_corrupted_field_never_gets_a_bad_chain_taken(memories, chains, writ
     q = mq.create_queue(event_idx=True, indirect=True)
     full = mq.create_queue(event_idx=True, indirect=True)
     for style, lengths in chains:
-        bufs = [Buf(mq.alloc(n), n, writable) for n in lengths]
-        if style == "direct":
-            mq.add_chain(bufs)
-        else:
-            mq.add_indirect_chain(bufs)
+        # (mixed: the first buffer device-readable, the others device-writable, as a block read)
+        add_styled(mq, style, [Buf(mq.alloc(n), n, writable if writable is not None else k > 0) for k, n in enumerate(lengths)])
     if field == "head":
         mq.set_avail_entry(target % len(chains), value & 0xFFFF)
     else:
@@ -163,8 +184,11 @@ def test_one_corrupted_field_never_gets_a_bad_chain_taken(memories, chains, writ
                 chain = full.pop()
             except ChainError as err:
                 pytest.fail(f"the batch took chain {batch.heads[i]}, which pop() rejects: {err}")
-            ranges = chain.writable if writable else chain.readable
-            assert not (chain.readable if writable else chain.writable)
+            taken = chain_ranges(chain, writable)
+            assert taken is not None, "the batch took a chain of the other way"
+            ranges, readable = taken
+            if writable is None:
+                assert batch.readable[i] == readable
             assert batch.heads[i] == chain.head
             assert [(int(a) - base, int(n)) for a, n in batch.iov[i, : batch.counts[i]]] == [
                 (mem.offset(g, n), n) for g, n in ranges
@@ -248,5 +272,125 @@ def test_staged_used_elements_count_only_once_committed(memories, start):
         reader.commit(4)
         q.publish_used()
         assert mq.used_entries() == [(heads[2], 64), (heads[3], 64), (heads[4], 64), (heads[5], 64)]
+    finally:
+        reader.close()
+
+
+@given(
+    chains=st.lists(
+        st.tuples(st.sampled_from(["direct", "indirect", "in-order"]), st.integers(0, 3), st.integers(0, 3)),
+        min_size=1,
+        max_size=8,
+    ),
+)
+@FUZZ
+def test_mixed_chains_are_taken_with_their_readable_count(memories, chains):
+    """writable=None (a block device's chains): device-readable buffers then device-writable ones are
+    taken, Batch.readable says how many of each row's buffers are device-readable."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 64, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    expected = [
+        add_styled(mq, style, [Buf(mq.alloc(16 + k), 16 + k, k >= reads) for k in range(reads + writes)] or [Buf(mq.alloc(8), 8)])
+        for style, reads, writes in chains
+    ]
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(64, writable=None)
+        assert_taken_as_built(batch, expected, mem)
+        for i, (head, bufs) in enumerate(expected):
+            assert batch.readable[i] == sum(not b.write for b in bufs)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("style", ["direct", "indirect", "in-order"])
+def test_readable_after_writable_ends_a_mixed_batch(memories, style):
+    """The one ordering rule a mixed peek adds: no device-readable buffer after a device-writable one."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 16, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    add = mq.add_chain if style == "direct" else partial(mq.add_indirect_chain, in_order=style == "in-order")
+    add([Buf(mq.alloc(16), 16), Buf(mq.alloc(8), 8, True)])
+    add([Buf(mq.alloc(16), 16), Buf(mq.alloc(8), 8, True), Buf(mq.alloc(8), 8)])
+    reader = BatchReader(q)
+    try:
+        assert len(reader.peek(8, writable=None)) == 1
+        reader.consume(1)
+        assert len(reader.peek(8, writable=None)) == 0
+        with pytest.raises(ChainError, match="readable descriptor after a device-writable"):
+            q.pop()
+    finally:
+        reader.close()
+
+
+def test_in_order_tables_go_as_one_block_and_others_step_by_step(memories):
+    """Chains that are each one indirect table in table order, all of one size, come back with their
+    width; a table of another order or size among them sends the batch the step-by-step way, which
+    takes them all just the same."""
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 64, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+
+    def request(in_order=True, data=2):
+        bufs = [Buf(mq.alloc(16), 16)] + [Buf(mq.alloc(512), 512, True) for _ in range(data)] + [Buf(mq.alloc(1), 1, True)]
+        return mq.add_indirect_chain(bufs, in_order=in_order)
+
+    reader = BatchReader(q)
+    try:
+        heads = [request() for _ in range(5)]
+        batch = reader.peek(64, writable=None)
+        assert (len(batch), batch.width) == (5, 4)
+        assert list(batch.heads) == heads and list(batch.readable) == [1] * 5 and list(batch.lengths) == [1041] * 5
+        reader.consume(5)
+        request(), request(in_order=False), request(data=1)
+        batch = reader.peek(64, writable=None)
+        assert (len(batch), batch.width) == (3, 0)
+        assert list(batch.counts) == [4, 4, 3] and list(batch.readable) == [1, 1, 1]
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    "entry,field,value,taken,valid",
+    [
+        (1, "next", 0, 0, False),  # back to entry 0: a loop
+        (1, "next", 7, 0, False),  # past the table
+        (1, "next", 3, 1, True),  # skips entry 2: a valid chain of another order (the step-by-step walk)
+        (1, "flags", 1 | 2 | 4, 0, False),  # an indirect descriptor in the table
+        (3, "flags", 2 | 1, 0, False),  # the last one goes on, back to entry 0
+        (2, "len", 0, 0, True),  # an empty buffer: valid, but not a batch's (the one-chain walk's)
+        (2, "addr", 2**64 - 256, 0, False),  # a buffer that wraps
+        (0, "addr", REGION - 8, 0, False),  # a header that runs past RAM's end
+    ],
+)
+def test_a_bad_in_order_table_is_never_taken_as_one(memories, entry, field, value, taken, valid):
+    mem = memories["split"]
+    clear(mem, "split")
+    mq = MockSplitQueue(mem, 16, base=REGION - 8 * KiB, data_base=0x4000)
+    q = mq.create_queue(event_idx=True, indirect=True)
+    full = mq.create_queue(event_idx=True, indirect=True)
+    table = mq.alloc(64, 16)
+    bufs = [Buf(mq.alloc(16), 16), Buf(mq.alloc(512), 512, True), Buf(mq.alloc(512), 512, True), Buf(mq.alloc(1), 1, True)]
+    mq.add_indirect_chain(bufs, table, in_order=True)
+    a, n, f, nx = mq.read_desc(entry, table=table)
+    mq.write_desc(entry, **{"addr": a, "length": n, "flags": f, "next": nx, **{"length" if field == "len" else field: value}},
+                  table=table)
+    reader = BatchReader(q)
+    try:
+        batch = reader.peek(8, writable=None)
+        assert len(batch) == taken
+        if valid:
+            chain = full.pop()
+            if taken:
+                assert [(int(a) - host_base(mem), int(n)) for a, n in batch.iov[0, : batch.counts[0]]] == [
+                    (mem.offset(g, n), n) for g, n in chain.readable + chain.writable
+                ]
+        else:
+            with pytest.raises(ChainError):
+                full.pop()
     finally:
         reader.close()

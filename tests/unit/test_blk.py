@@ -200,9 +200,10 @@ def make_dev(mem, image_path):
         dev.close()
 
 
-@pytest.fixture
-def dev(make_dev):
-    return make_dev(serial="pyvmm-disk-0")
+@pytest.fixture(params=[True, False], ids=["batches", "one-chain"])
+def dev(make_dev, request):
+    """The device every request test runs on: both ways of completing requests (virtio/blk_path.py)."""
+    return make_dev(serial="pyvmm-disk-0", batches=request.param)
 
 
 @pytest.fixture
@@ -573,7 +574,9 @@ def test_backend_error_is_ioerr(mem, caplog):
     assert sum("I/O error" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_short_transfers_are_retried(drv, image_path, monkeypatch):
+def test_short_transfers_are_retried(make_dev, mem, image_path, monkeypatch):
+    """(One chain at a time: RawImage.readv / writev.  The batch path's engines: test_raw_batch.py.)"""
+    drv = Driver(mem, make_dev(batches=False)).ready()
     real_preadv, real_pwritev = os.preadv, os.pwritev
 
     def short(real):

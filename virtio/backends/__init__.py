@@ -40,4 +40,8 @@ class BlockBackend(Protocol):
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make the range read as zeroes; `unmap` allows deallocating it."""
 
+    # A backend may also have open_batch_io() -> a raw_batch.BlockBatchIO (many requests per
+    # call, e.g. through io_uring); the device calls it once per queue, and otherwise moves a
+    # batch's requests with readv / writev one by one (raw_batch.LoopBlockIO).
+
     def close(self) -> None: ...

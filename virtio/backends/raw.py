@@ -4,6 +4,7 @@
     image.readv([view1, view2], offset)     # os.preadv straight into the views
     image.writev([view], offset)
     image.flush()                           # fdatasync
+    io = image.open_batch_io()              # many requests per call (raw_batch.py: io_uring)
     image.discard(offset, length)           # punch a hole
     image.write_zeroes(offset, length, unmap=False)
     image.close()
@@ -49,7 +50,10 @@ import os
 import stat
 import struct
 import threading
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:  # (numpy and io_uring are loaded only when a device takes the batch path)
+    from .raw_batch import BlockBatchIO
 
 from .errors import ImageError
 
@@ -249,6 +253,11 @@ class RawImage:
         self.mem_align = mem_align
         self.offset_align = offset_align
         self.supports_discard = False
+        # Whether the file does I/O without blocking when asked to (RWF_NOWAIT; FMODE_NOWAIT in the
+        # kernel), for reads and for writes.  Where it does not (tmpfs; ext4's buffered writes),
+        # io_uring hands every request to a kernel worker thread (io-wq), which costs more than a
+        # preadv / pwritev of our own (raw_batch.py chooses by these).
+        self.nowait_reads = self.nowait_writes = False
         self.bounced = 0  # requests that went through the bounce buffer (cache=none)
         self._zero_range_ok = True
         self._bounce: mmap.mmap | None = None
@@ -286,6 +295,7 @@ class RawImage:
             raise
         if not read_only:
             image.supports_discard = image._probe_discard()
+        image.nowait_reads, image.nowait_writes = image._probe_nowait()
         return image
 
     @staticmethod
@@ -377,6 +387,41 @@ class RawImage:
             return False
         return True
 
+    def _probe_nowait(self) -> tuple[bool, bool]:
+        """(reads, writes): does the file take RWF_NOWAIT, or answer EOPNOTSUPP?  Asked of the
+        first block: read, and for a regular file written back unchanged (at open: the guest is not
+        running yet, and the lock keeps other VMs out); a block device is not written (a disk takes
+        RWF_NOWAIT both ways or neither).  Data or EAGAIN (it would have to wait) both say yes."""
+        block = max(self.offset_align, SECTOR_SIZE)
+        if self.size < block:
+            return False, False
+        buf = mmap.mmap(-1, _round_up(block, mmap.PAGESIZE))  # page-aligned, for O_DIRECT too
+        try:
+            view = memoryview(buf)[:block]
+            try:
+                reads = self._nowait_ok(os.preadv, view)
+                if self.read_only or self.block_device:
+                    return reads, reads and not self.read_only
+                transfer_all(os.preadv, self.fd, [view], 0)
+                return reads, self._nowait_ok(os.pwritev, view)
+            finally:
+                view.release()
+        except OSError as err:
+            log.debug("%s: RWF_NOWAIT probe: %s", self.path, err)
+            return False, False
+        finally:
+            buf.close()
+
+    def _nowait_ok(self, call: Callable, view: memoryview) -> bool:
+        try:
+            call(self.fd, [view], 0, os.RWF_NOWAIT)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            if err.errno != errno.EAGAIN:
+                raise
+        return True
+
     # -- I/O ----------------------------------------------------------------------
     def readv(self, views: Sequence[memoryview], offset: int) -> None:
         if self.direct:
@@ -391,6 +436,13 @@ class RawImage:
             self._direct_io(os.pwritev, views, offset)
         else:
             transfer_all(os.pwritev, self.fd, views, offset)
+
+    def open_batch_io(self) -> "BlockBatchIO":
+        """The batch I/O of one queue (raw_batch.py): many requests per call, through io_uring where
+        the kernel has it.  Close it before the image (an io_uring holds the file, and its lock)."""
+        from .raw_batch import open_batch_io
+
+        return open_batch_io(self, self.fd, nowait_reads=self.nowait_reads, nowait_writes=self.nowait_writes)
 
     def flush(self) -> None:
         if not self.read_only:

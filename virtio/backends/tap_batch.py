@@ -19,6 +19,8 @@ import numpy as np
 
 from vmm.io_uring import IORING_OP_READV, IORING_OP_WRITEV, IoUring
 
+from .iovec import iovec_views
+
 BATCH_RING_ENTRIES = 256  # io_uring submission queue of a tap queue's batch I/O
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,12 +53,6 @@ class NetBatchIO(Protocol):
     def close(self) -> None: ...
 
 
-def _views_at(iov_address: int, count: int) -> list[memoryview]:
-    """The buffers of `count` struct iovecs at `iov_address`, as memoryviews (no copy)."""
-    rows = (ctypes.c_uint64 * (2 * count)).from_address(iov_address)
-    return [memoryview((ctypes.c_char * rows[2 * i + 1]).from_address(rows[2 * i])).cast("B") for i in range(count)]
-
-
 class IovecLoop:
     """NetBatchIO over one-frame readv / writev callables (memoryviews in, bytes out, OSError):
     a plain loop, one call per frame.  For backends without a kernel interface for batches (a
@@ -84,7 +80,7 @@ class IovecLoop:
     @staticmethod
     def _one(op, iov_address: int, count: int) -> int:
         try:
-            return op(_views_at(iov_address, count))
+            return op(iovec_views(iov_address, count))
         except BlockingIOError:
             return -errno.EAGAIN
         except OSError as err:
